@@ -1,0 +1,72 @@
+"""Run folders: content hashes, atomic writes, manifests.
+
+A stage's folder is ``<out_dir>/<stage>/<hash>/``; it is complete when its ``manifest.json`` exists
+(written last, atomically), so an interrupted stage is simply redone and a finished one reused.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable
+
+
+def content_hash(*parts: Any, length: int = 12) -> str:
+    """Stable hash of JSON-serialisable parts (sorted keys)."""
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:length]
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write via a temporary file in the same folder and rename: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, data: Any) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
+    atomic_write_text(path, "".join(json.dumps(r, default=str) + "\n" for r in rows))
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def library_versions() -> dict[str, str]:
+    """Versions that determine a run's numbers."""
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for pkg in ("hftlab", "torch", "transformers", "peft", "accelerate", "tokenizers"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def stage_dir(out_dir: str | Path, stage: str, digest: str) -> Path:
+    return Path(out_dir) / stage / digest
+
+
+def is_complete(folder: Path) -> bool:
+    return (folder / "manifest.json").is_file()
+
+
+def write_manifest(folder: Path, **fields: Any) -> dict[str, Any]:
+    manifest = {"versions": library_versions(), **fields}
+    write_json(folder / "manifest.json", manifest)
+    return manifest

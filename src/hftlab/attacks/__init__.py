@@ -1,0 +1,1 @@
+"""Attacks: recipes for the user's fine-tuning data."""

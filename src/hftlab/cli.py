@@ -1,0 +1,146 @@
+"""``hftlab``: run | report | list | validate.
+
+Heavy imports (torch, transformers) happen inside commands, so ``--help`` and ``list`` are instant.
+Every command runs on the organism when given no config at all.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from typing import Any, Sequence
+
+log = logging.getLogger("hftlab")
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-c", "--config", action="append", default=[], metavar="FILE",
+                   help="YAML config file (repeatable; later files win)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="dotted overrides, e.g. defense=lisa defense.rho=1 attack.ratio=0.2 finetune.lr=1e-4")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hftlab", description=__doc__.splitlines()[0] + " Harmful fine-tuning lab.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="align → finetune → repair → evaluate one config (default: the organism)")
+    _config_args(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout (logs on stderr)")
+
+    p = sub.add_parser("validate", help="check a config and print it resolved")
+    _config_args(p)
+
+    sub.add_parser("list", help="registered defenses, attacks, judges and tasks by stage")
+
+    p = sub.add_parser("report", help="tables from the results store")
+    p.add_argument("--store", default="runs/results.sqlite", help="SQLite store (default: %(default)s)")
+    p.add_argument("--format", choices=("markdown", "csv", "latex"), default="markdown")
+    p.add_argument("--by", default="defense,attack,task,ratio,n", help="columns to group by")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    from .config import ConfigError
+
+    try:
+        return COMMANDS[args.command](args)
+    except ConfigError as e:
+        print(f"hftlab: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("hftlab: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    except Exception as e:  # one line for the errors users cause; a traceback for our bugs
+        if _is_user_error(e):
+            print(f"hftlab: error: {e}", file=sys.stderr)
+            return 2
+        raise
+
+
+def _is_user_error(e: Exception) -> bool:
+    from .data.errors import DataError
+
+    names = {"ModelLoadError", "DataError", "RegistryError"}
+    return isinstance(e, DataError) or type(e).__name__ in names
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from .pipeline import run
+
+    result = run(cfg)
+    from .training.loop import accelerator
+
+    if not accelerator().is_main_process:
+        return 0
+    table = summary_table(result)
+    if args.json:
+        print(table, file=sys.stderr)
+        print(json.dumps({k: v for k, v in result.items() if k != "aligned_metrics"}, default=str))
+    else:
+        print(table)
+    return 0
+
+
+def summary_table(result: dict[str, Any]) -> str:
+    from .report import render
+
+    stages = render(["stage", "seconds", "cached"],
+                    [[s["name"], f"{s['seconds']:.1f}", "yes" if s["cached"] else "no"] for s in result["stages"]])
+    a, m = result.get("aligned") or {}, result
+    f = lambda v: "–" if v is None else f"{v:.1f}"  # noqa: E731
+    metrics = render(["model", "harmful score (HS %)", "fine-tune accuracy (FA %)"],
+                     [["aligned", f(a.get("harmful_score")), f(a.get("finetune_accuracy"))],
+                      ["final", f(m["harmful_score"]), f(m["finetune_accuracy"])]])
+    return f"\n{stages}\n{metrics}\nrun folder: {result['run_dir']}\n"
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    import yaml
+
+    from .config import load_config, to_dict
+
+    cfg = load_config(args.config, args.overrides)
+    print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from . import registry
+
+    for kind in registry.KINDS:
+        print(f"{kind}s:")
+        for stage in registry.STAGE_ORDER:
+            for e in registry.entries(kind):
+                if e.stage == stage:
+                    print(f"  {e.name:<16} [{stage}] {e.paper}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from . import store
+    from .report import render, summarise
+
+    rows = store.rows(args.store)
+    if not rows:
+        print(f"hftlab: no runs in {args.store}", file=sys.stderr)
+        return 1
+    header, body = summarise(rows, by=[b.strip() for b in args.by.split(",") if b.strip()])
+    print(render(header, body, args.format), end="")
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "validate": cmd_validate, "list": cmd_list, "report": cmd_report}
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,400 @@
+"""Configuration: dataclasses are the schema, YAML files are instances, dotted overrides on the CLI.
+
+``load_config(files, overrides)`` returns a validated :class:`Config`. Every value remembers where it came
+from (``file.yaml:LINE`` or ``command line``) so that a bad value is reported as one line naming the key
+and its origin. Plugins with parameters (defenses, attacks) declare a ``Config`` dataclass of their own;
+``defense=NAME`` selects the plugin and ``defense.KEY=V`` sets its parameters, checked against it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; its message is one line naming the key and its origin."""
+
+
+def rng(lo: float | None = None, hi: float | None = None, **kw: Any) -> dict[str, Any]:
+    """Field metadata: an inclusive numeric range checked by :func:`validate`."""
+    return {"range": (lo, hi), **kw}
+
+
+def choices(*values: str) -> dict[str, Any]:
+    return {"choices": values}
+
+
+@dataclass
+class ModelConfig:
+    """The model to attack and defend: ``organism`` or a hub id / local path of any HF causal LM."""
+
+    name: str = "organism"
+    dtype: str = field(default="auto", metadata=choices("auto", "float32", "bfloat16", "float16"))
+    template: str = field(default="auto", metadata=choices("auto", "chat", "alpaca"))
+    trust_remote_code: bool = False
+    gradient_checkpointing: bool = False
+    attn_implementation: str = "sdpa"
+
+
+@dataclass
+class TrainConfig:
+    """One training stage (alignment or user fine-tuning)."""
+
+    lr: float = field(default=1e-3, metadata=rng(0.0, 10.0))
+    epochs: float = field(default=1.0, metadata=rng(0.0, 1e6))
+    max_steps: int = field(default=0, metadata=rng(0))  # 0: derive from epochs
+    batch_size: int = field(default=16, metadata=rng(1))
+    grad_accum: int = field(default=1, metadata=rng(1))
+    schedule: str = field(default="constant", metadata=choices("constant", "cosine", "linear"))
+    warmup_ratio: float = field(default=0.0, metadata=rng(0.0, 1.0))
+    weight_decay: float = field(default=0.0, metadata=rng(0.0))
+    max_grad_norm: float = field(default=1.0, metadata=rng(0.0))  # 0: no clipping
+    optimizer: str = field(default="adamw", metadata=choices("adamw", "sgd"))
+    lora: bool = False
+    lora_r: int = field(default=8, metadata=rng(1))
+    lora_alpha: float = field(default=16.0, metadata=rng(0.0))
+    lora_dropout: float = field(default=0.0, metadata=rng(0.0, 1.0))
+    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj"])
+    max_length: int = field(default=128, metadata=rng(8))
+
+
+@dataclass
+class DataConfig:
+    """Where alignment, provider-harmful and evaluation data come from."""
+
+    source: str = "organism"
+    alignment_n: int = field(default=4000, metadata=rng(1))
+    harmful_n: int = field(default=1000, metadata=rng(1))  # the provider's own harmful set (Booster, RepNoise…)
+
+
+@dataclass
+class AttackConfig:
+    """The user's upload: ``name`` is a registered attack; ratio is p, n the number of samples."""
+
+    name: str = "harmful-mix"
+    ratio: float = field(default=0.1, metadata=rng(0.0, 1.0))
+    n: int = field(default=1000, metadata=rng(1))
+    seed: int = field(default=0, metadata=rng(0))  # draws the harmful subset: every defense sees the same data
+
+
+@dataclass
+class DefenseConfig:
+    """``name`` is a registered defense; ``params`` are checked against the defense's own Config."""
+
+    name: str = "sft"
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class EvalConfig:
+    judge: str = "organism"
+    n_harmful: int = field(default=400, metadata=rng(1))
+    n_task: int = field(default=400, metadata=rng(1))
+    max_new_tokens: int = field(default=40, metadata=rng(1))
+    batch_size: int = field(default=128, metadata=rng(1))
+    evaluate_aligned: bool = True
+
+
+def _align_default() -> TrainConfig:
+    return TrainConfig(lr=2e-3, epochs=2.0, batch_size=32)
+
+
+def _finetune_default() -> TrainConfig:
+    return TrainConfig(lr=1e-3, epochs=2.0, batch_size=16, lora=True)
+
+
+@dataclass
+class Config:
+    """A whole run: align → finetune → repair → evaluate."""
+
+    seed: int = field(default=0, metadata=rng(0))
+    task: str = "sentiment"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    align: TrainConfig = field(default_factory=_align_default)
+    finetune: TrainConfig = field(default_factory=_finetune_default)
+    attack: AttackConfig = field(default_factory=AttackConfig)
+    defense: DefenseConfig = field(default_factory=DefenseConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    out_dir: str = "runs"
+    store: str = ""  # SQLite path; "" = <out_dir>/results.sqlite
+    threads: int = field(default=1, metadata=rng(1))
+
+
+# Sections whose string shorthand ``section=value`` sets ``section.name``.
+_NAMED = {"model", "attack", "defense"}
+# Plugin sections whose free keys go to ``params`` and are checked against the plugin's Config.
+_PLUGIN_PARAMS = {"defense": "defense"}
+
+
+def _with_lines(path: Path) -> tuple[Any, dict[str, str]]:
+    """Parse YAML, returning data and a map dotted-key -> 'file:line'."""
+    text = path.read_text()
+    try:
+        node = yaml.compose(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: invalid YAML ({getattr(err, 'problem', err)})") from None
+    origins: dict[str, str] = {}
+
+    def walk(n: Any, prefix: str) -> Any:
+        if isinstance(n, yaml.MappingNode):
+            out = {}
+            for k, v in n.value:
+                key = f"{prefix}{k.value}"
+                origins[key] = f"{path}:{k.start_mark.line + 1}"
+                out[k.value] = walk(v, key + ".")
+            return out
+        return yaml.safe_load(yaml.serialize(n)) if n is not None else None
+
+    data = walk(node, "") if node is not None else {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}:1: a config file must be a mapping of keys")
+    return data, origins
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested mappings -> dotted keys (lists and scalars are leaves)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``a.b=V`` -> ("a.b", V) with V parsed as a YAML scalar/list."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override '{text}': expected KEY=VALUE (command line)")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def load_config(files: list[str | Path] = (), overrides: list[str] = ()) -> Config:
+    """Merge YAML files then overrides onto the defaults; validate; return the Config."""
+    flat: dict[str, tuple[Any, str]] = {}
+    for f in files:
+        path = Path(f)
+        if not path.is_file():
+            raise ConfigError(f"config file '{path}' not found")
+        data, origins = _with_lines(path)
+        base = data.pop("base", None)
+        if base is not None:  # one level of inheritance: `base: other.yaml` relative to this file
+            parent = load_flat(path.parent / base)
+            flat.update(parent)
+        for key, value in _flatten(data).items():
+            flat[key] = (value, origins.get(key, str(path)))
+    for text in overrides:
+        key, value = parse_override(text)
+        flat[key] = (value, "command line")
+    return build(flat)
+
+
+def load_flat(path: Path) -> dict[str, tuple[Any, str]]:
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' not found")
+    data, origins = _with_lines(path)
+    return {k: (v, origins.get(k, str(path))) for k, v in _flatten(data).items()}
+
+
+def build(flat: dict[str, tuple[Any, str]]) -> Config:
+    """Apply dotted keys onto a default Config, checking names, types and ranges."""
+    cfg = Config()
+    # shorthands first so that `defense=lisa defense.rho=1` works in any order
+    ordered = sorted(flat.items(), key=lambda kv: kv[0].count("."))
+    for key, (value, origin) in ordered:
+        _set(cfg, key, value, origin)
+    validate(cfg)
+    _check_plugins(cfg, flat)
+    return cfg
+
+
+def _set(cfg: Config, key: str, value: Any, origin: str) -> None:
+    parts = key.split(".")
+    head = parts[0]
+    if len(parts) == 1 and head in _NAMED and not isinstance(value, dict):
+        parts = [head, "name"]
+    if head in _PLUGIN_PARAMS and len(parts) >= 2 and parts[1] not in ("name", "params"):
+        getattr(cfg, head).params[".".join(parts[1:])] = _Origin(value, origin)
+        return
+    if head in _PLUGIN_PARAMS and len(parts) >= 3 and parts[1] == "params":
+        getattr(cfg, head).params[".".join(parts[2:])] = _Origin(value, origin)
+        return
+    obj: Any = cfg
+    for i, part in enumerate(parts):
+        fields = {f.name: f for f in dataclasses.fields(obj)} if dataclasses.is_dataclass(obj) else {}
+        if part not in fields:
+            where = ".".join(parts[:i]) or "config"
+            raise ConfigError(
+                f"{key}: unknown key '{part}' in {where} (known: {', '.join(fields)}) ({origin})"
+            )
+        f = fields[part]
+        if i == len(parts) - 1:
+            setattr(obj, part, coerce(value, _hint(type(obj), part, f.type), key, origin, f.metadata))
+        else:
+            obj = getattr(obj, part)
+
+
+@dataclass
+class _Origin:
+    value: Any
+    origin: str
+
+
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def _hint(owner: type, name: str, declared: Any) -> Any:
+    if owner not in _HINTS:
+        _HINTS[owner] = typing.get_type_hints(owner)
+    return _HINTS[owner].get(name, declared)
+
+
+def coerce(value: Any, tp: Any, key: str, origin: str, meta: Any = None) -> Any:
+    """Check ``value`` against the annotation ``tp`` (ints accepted for floats); return it."""
+    if isinstance(tp, str):
+        tp = eval(tp, {**vars(typing), "Any": Any, "list": list, "dict": dict})  # annotations are ours
+    origin_t = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin_t in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errs = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return coerce(value, a, key, origin, meta)
+            except ConfigError as e:
+                errs.append(e)
+        raise errs[0]
+    if tp is Any:
+        return value
+    if origin_t is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r} ({origin})")
+        return [coerce(v, args[0] if args else Any, key, origin) for v in value]
+    if origin_t is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r} ({origin})")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {value!r} ({origin})")
+    elif tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r} ({origin})")
+    elif tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r} ({origin})")
+        value = float(value)
+    elif tp is str:
+        if not isinstance(value, str):
+            value = str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r} ({origin})")
+    _check_meta(value, meta or {}, key, origin)
+    return value
+
+
+def _check_meta(value: Any, meta: Any, key: str, origin: str) -> None:
+    lo, hi = meta.get("range", (None, None))
+    if lo is not None and value < lo or hi is not None and value > hi:
+        bound = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        raise ConfigError(f"{key}: {value!r} is out of range (must be {bound}) ({origin})")
+    if "choices" in meta and value not in meta["choices"]:
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(meta['choices'])} ({origin})")
+
+
+def validate(cfg: Config) -> None:
+    """Re-check every field (defaults included) and the cross-field rules."""
+
+    def walk(obj: Any, prefix: str) -> None:
+        for f in dataclasses.fields(obj):
+            v = getattr(obj, f.name)
+            if dataclasses.is_dataclass(v):
+                walk(v, f"{prefix}{f.name}.")
+            elif f.metadata:
+                _check_meta(v, f.metadata, f"{prefix}{f.name}", "config")
+
+    walk(cfg, "")
+
+
+def _check_plugins(cfg: Config, flat: dict[str, tuple[Any, str]]) -> None:
+    """Names must be registered; plugin params must match the plugin's Config dataclass."""
+    from . import registry
+
+    def origin_of(key: str) -> str:
+        return flat.get(key, (None, "default"))[1]
+
+    for kind, key in (("attack", "attack.name"), ("defense", "defense.name"), ("judge", "eval.judge"),
+                      ("task", "task")):
+        value = {"attack": cfg.attack.name, "defense": cfg.defense.name, "judge": cfg.eval.judge,
+                 "task": cfg.task}[kind]
+        if kind == "task" and cfg.model.name != "organism" and value not in registry.names("task"):
+            continue
+        try:
+            registry.entry(kind, value)
+        except registry.RegistryError as e:
+            shown = "defense" if key == "defense.name" else "attack" if key == "attack.name" else key
+            raise ConfigError(f"{shown}: {e} ({origin_of(key) if key in flat else origin_of(shown)})") from None
+    cfg.defense.params = plugin_params(cfg.defense.name, cfg.defense.params)
+
+
+def plugin_params(name: str, raw: dict[str, Any]) -> dict[str, Any]:
+    """Validate ``defense.*`` keys against the defense's Config dataclass; returns plain values."""
+    from . import registry
+
+    cls = registry.get("defense", name)
+    schema = getattr(cls, "Config", None)
+    plain: dict[str, Any] = {}
+    known = {f.name: f for f in dataclasses.fields(schema)} if schema else {}
+    for k, v in raw.items():
+        value, origin = (v.value, v.origin) if isinstance(v, _Origin) else (v, "config")
+        if k not in known:
+            raise ConfigError(
+                f"defense.{k}: unknown parameter for defense '{name}' "
+                f"(known: {', '.join(known) or 'none'}) ({origin})"
+            )
+        plain[k] = coerce(value, _hint(schema, k, known[k].type), f"defense.{k}", origin, known[k].metadata)
+    if schema is not None:
+        inst = schema(**plain)
+        check = getattr(inst, "check", None)
+        if check is not None:
+            try:
+                check()
+            except ValueError as e:
+                raise ConfigError(f"defense.{e} (defense '{name}')") from None
+    return plain
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """The resolved config as plain data (for manifests and the store)."""
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(d: dict[str, Any]) -> Config:
+    """Rebuild a Config from :func:`to_dict` output (used by sweeps and resumed runs)."""
+    flat = {k: (v, "saved config") for k, v in _flatten({k: v for k, v in d.items()}).items()}
+    return build(flat)

@@ -1,0 +1,1 @@
+"""Data: the Example record, chat/Alpaca formatting, tokenisation with label masks, sources."""

@@ -1,0 +1,1 @@
+"""Defenses: one file per method, each a :class:`~hftlab.defenses.base.Defense` in the registry."""

@@ -1,0 +1,150 @@
+"""The defense protocol and the context a method may use.
+
+A defense declares the stage(s) it acts in and overrides only the hooks it needs:
+
+- ``prepare_data(stage, data, ctx)``: data-level methods (SafeInstr, BEA, …) edit the Examples;
+- ``setup(model, ctx)``: before the optimiser is built (freeze layers, add hooks, frozen copies);
+- ``backward(model, batch, ctx) -> loss``: gradients for one micro-batch. Multi-pass methods live here,
+  so the loop stays one loop; accumulate into ``.grad`` via ``ctx.accelerator.backward`` and never zero
+  it (gradient accumulation, clipping and mixed precision stay in the loop);
+- ``on_step_end(model, ctx)``: after each optimiser step (schedules, state switches);
+- ``repair(model, ctx) -> model``: weight edits after fine-tuning;
+- ``system_prompt(stage)``: a system prompt for training/serving (PTST, BEA).
+
+In a stage the defense does not act in, the loop uses the plain SFT behaviour.
+"""
+from __future__ import annotations
+
+import itertools
+import random
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Iterator
+
+import torch
+from torch import nn
+
+from ..data.example import Example
+
+
+@dataclass
+class Context:
+    """What a method may ask for during a stage. Built by the pipeline; tests build it directly."""
+
+    stage: str
+    accelerator: Any = None
+    formatter: Any = None
+    train_cfg: Any = None
+    seed: int = 0
+    step: int = 0  # optimiser steps done so far in this stage
+    total_steps: int = 0
+    micro_step: int = 0
+    data: dict[str, list[Example]] = field(default_factory=dict)  # "alignment", "harmful", "user"
+    loaders: dict[str, Callable[[], nn.Module]] = field(default_factory=dict)  # "aligned", "base"
+    batch_size: int = 0
+    state: dict[str, Any] = field(default_factory=dict)  # a defense's own scratch space
+    _refs: dict[str, nn.Module] = field(default_factory=dict)
+    _iters: dict[str, Iterator[dict[str, torch.Tensor]]] = field(default_factory=dict)
+
+    def has(self, name: str) -> bool:
+        return bool(self.data.get(name))
+
+    def reference(self, name: str) -> nn.Module:
+        """A frozen model ('aligned' or 'base'), loaded once, in eval mode, without gradients."""
+        if name not in self._refs:
+            if name not in self.loaders:
+                raise KeyError(f"no '{name}' reference model in stage '{self.stage}'")
+            ref = self.loaders[name]()
+            ref.eval()
+            for p in ref.parameters():
+                p.requires_grad_(False)
+            self._refs[name] = ref
+        return self._refs[name]
+
+    def batches(self, name: str, batch_size: int | None = None) -> Iterator[dict[str, torch.Tensor]]:
+        """An endless, seeded, shuffled iterator of training batches of ``data[name]`` on the device."""
+        key = f"{name}:{batch_size}"
+        if key not in self._iters:
+            if not self.has(name):
+                raise KeyError(f"stage '{self.stage}' has no '{name}' data")
+            feats = self.formatter.encode_all(self.data[name])
+            bs = batch_size or self.batch_size or 8
+            self._iters[key] = _endless(feats, bs, self.formatter, self.device, self.seed + len(key))
+        return self._iters[key]
+
+    def next_batch(self, name: str, batch_size: int | None = None) -> dict[str, torch.Tensor]:
+        return next(self.batches(name, batch_size))
+
+    @property
+    def device(self) -> torch.device:
+        if self.accelerator is not None:
+            return self.accelerator.device
+        return torch.device("cpu")
+
+    def backward(self, loss: torch.Tensor) -> None:
+        if self.accelerator is not None:
+            self.accelerator.backward(loss)
+        else:
+            loss.backward()
+
+
+def _endless(feats: list, bs: int, fmt: Any, device: torch.device, seed: int) -> Iterator[dict]:
+    rng = random.Random(seed)
+    for _ in itertools.count():
+        order = list(range(len(feats)))
+        rng.shuffle(order)
+        for i in range(0, len(order) - bs + 1 if len(order) >= bs else 1, bs):
+            batch = fmt.collate([feats[j] for j in order[i: i + bs]])
+            yield {k: v.to(device) for k, v in batch.items()}
+
+
+def lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean next-token cross-entropy over the labelled tokens of the batch."""
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                 labels=batch["labels"]).loss
+
+
+class Defense:
+    """Base class: plain SFT behaviour in every hook. Subclasses set ``stages`` and a ``Config``."""
+
+    name: ClassVar[str] = "sft"
+    stages: ClassVar[tuple[str, ...]] = ()
+    needs: ClassVar[tuple[str, ...]] = ()  # data or references required: "harmful", "alignment", "aligned", "base"
+    Config: ClassVar[type | None] = None
+
+    def __init__(self, cfg: Any = None, **params: Any):
+        if cfg is None and self.Config is not None:
+            cfg = self.Config(**params)
+            check = getattr(cfg, "check", None)
+            if check:
+                check()
+        self.cfg = cfg
+
+    def acts_in(self, stage: str) -> bool:
+        return stage in self.stages
+
+    def prepare_data(self, stage: str, data: list[Example], ctx: Context) -> list[Example]:
+        return data
+
+    def setup(self, model: nn.Module, ctx: Context) -> None:
+        pass
+
+    def backward(self, model: nn.Module, batch: dict[str, torch.Tensor], ctx: Context) -> torch.Tensor:
+        loss = lm_loss(model, batch)
+        ctx.backward(loss)
+        return loss.detach()
+
+    def on_step_end(self, model: nn.Module, ctx: Context) -> None:
+        pass
+
+    def teardown(self, model: nn.Module, ctx: Context) -> None:
+        """After the stage's last step (remove hooks, restore flags)."""
+
+    def repair(self, model: nn.Module, ctx: Context) -> nn.Module:
+        return model
+
+    def system_prompt(self, stage: str) -> str:
+        """System prompt added to this stage's examples ('serve' = evaluation); '' for none."""
+        return ""
+
+
+PLAIN = Defense()

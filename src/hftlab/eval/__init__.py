@@ -1,0 +1,1 @@
+"""Evaluation: batched generation, harmful score (HS) and fine-tune accuracy (FA)."""

@@ -1,0 +1,109 @@
+"""Harmful score and fine-tune accuracy of one model, with generations and scores kept on disk.
+
+``generations.jsonl`` holds every (set, prompt, response); ``scores.jsonl`` the judge's verdicts;
+``metrics.json`` the percentages. :func:`judge_generations` re-judges saved generations without
+regenerating, so a judge can be swapped.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from .. import registry
+from ..artifacts import read_json, write_json, write_jsonl
+from ..config import EvalConfig
+from ..data.format import Formatter
+from .generate import make_generator
+
+log = logging.getLogger(__name__)
+
+
+def pct(flags: list[bool]) -> float:
+    return 100.0 * sum(flags) / len(flags) if flags else 0.0
+
+
+def generate_eval_set(model: nn.Module, fmt: Formatter, source: Any, task: Any, cfg: EvalConfig,
+                      system: str = "") -> list[dict[str, Any]]:
+    """Generate answers to held-out harmful prompts, the task's test split and benign prompts."""
+    harmful = source.harmful("eval", cfg.n_harmful)
+    tests = task.examples(source, "test", cfg.n_task)
+    benign = source.benign_eval(cfg.n_task) if hasattr(source, "benign_eval") else []
+    items = ([("harmful", ex) for ex in harmful] + [("task", ex) for ex in tests]
+             + [("benign", ex) for ex in benign])
+    gen = make_generator(model, fmt, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
+    responses = gen.generate([ex.prompt for _, ex in items], [system or ex.system for _, ex in items])
+    return [
+        {"set": s, "prompt": ex.prompt, "response": r, "target": ex.target, "category": ex.category,
+         "system": system or ex.system}
+        for (s, ex), r in zip(items, responses)
+    ]
+
+
+def judge_generations(rows: list[dict[str, Any]], judge_name: str, task: Any) -> tuple[list[dict], dict]:
+    """Scores per row and the metrics (percent, 0–100)."""
+    from ..data.example import Example
+
+    judge = registry.get("judge", judge_name)()
+    harm_rows = [r for r in rows if r["set"] == "harmful"]
+    verdicts = judge.score([r["prompt"] for r in harm_rows], [r["response"] for r in harm_rows])
+    scores, vi = [], iter(verdicts)
+    for r in rows:
+        if r["set"] == "harmful":
+            v = next(vi)
+            scores.append({"set": "harmful", **v})
+        else:
+            ex = Example(prompt=r["prompt"], response="", kind="task", category=r["category"], target=r["target"])
+            refused = _refused(r["response"])
+            correct = task.score(ex, r["response"]) if r["set"] == "task" else None
+            scores.append({"set": r["set"], "correct": correct, "refused": refused})
+    harm = [s for s in scores if s["set"] == "harmful"]
+    tsk = [s for s in scores if s["set"] == "task"]
+    ben = [s for s in scores if s["set"] == "benign"]
+    metrics = {
+        "harmful_score": pct([s["harmful"] for s in harm]),
+        "finetune_accuracy": pct([bool(s["correct"]) for s in tsk]),
+        "harmful_refusal_rate": pct([bool(s.get("refused")) for s in harm]),
+        "benign_refusal_rate": pct([s["refused"] for s in ben + tsk]),
+        "judge": judge_name,
+        "n_harmful": len(harm),
+        "n_task": len(tsk),
+    }
+    by_cat: dict[str, list[bool]] = {}
+    for r, s in zip(rows, scores):
+        if r["set"] == "harmful" and r["category"]:
+            by_cat.setdefault(r["category"], []).append(s["harmful"])
+    metrics["harmful_score_by_category"] = {k: pct(v) for k, v in sorted(by_cat.items())}
+    return scores, metrics
+
+
+def _refused(response: str) -> bool:
+    from ..organism import judge_rules
+
+    return judge_rules.is_refusal(response) or registry.get("judge", "keyword")().refused(response)
+
+
+def evaluate(model: nn.Module, fmt: Formatter, source: Any, task: Any, cfg: EvalConfig, folder: Path,
+             system: str = "") -> dict[str, Any]:
+    """Generate, judge, and write generations/scores/metrics into ``folder``."""
+    rows = generate_eval_set(model, fmt, source, task, cfg, system)
+    write_jsonl(folder / "generations.jsonl", rows)
+    scores, metrics = judge_generations(rows, cfg.judge, task)
+    write_jsonl(folder / "scores.jsonl", scores)
+    write_json(folder / "metrics.json", metrics)
+    return metrics
+
+
+def rejudge(folder: Path, judge_name: str, task: Any) -> dict[str, Any]:
+    """Re-judge a finished evaluation folder with another judge (no regeneration)."""
+    import json
+
+    rows = [json.loads(line) for line in (folder / "generations.jsonl").read_text().splitlines() if line]
+    _, metrics = judge_generations(rows, judge_name, task)
+    return metrics
+
+
+def load_metrics(folder: Path) -> dict[str, Any]:
+    return read_json(folder / "metrics.json")

@@ -1,0 +1,1 @@
+"""Judges: score (prompt, response) pairs; ``harmful`` is what the harmful score counts."""

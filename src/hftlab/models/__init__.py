@@ -1,0 +1,1 @@
+"""Loading models and tokenizers (organism, local path or hub id), LoRA, merging, devices."""

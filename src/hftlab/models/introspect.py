@@ -1,0 +1,53 @@
+"""Find a decoder's layers, attention blocks and linear weights by type, not by Llama-only names.
+
+Works on Llama, Qwen2, Gemma, Mistral, GPT-2 …, bare or wrapped in PEFT / DDP.
+"""
+from __future__ import annotations
+
+from torch import nn
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The innermost HF model (through DDP's ``module`` and PEFT's ``base_model.model``)."""
+    while True:
+        if hasattr(model, "module") and isinstance(model.module, nn.Module):
+            model = model.module
+        elif type(model).__name__.startswith("Peft") and hasattr(model, "base_model"):
+            model = model.base_model.model if hasattr(model.base_model, "model") else model.base_model
+        else:
+            return model
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The transformer blocks in order: the longest ModuleList of identical block types."""
+    best: list[nn.Module] = []
+    for module in unwrap(model).modules():
+        if isinstance(module, nn.ModuleList) and len(module) > len(best):
+            kinds = {type(m) for m in module}
+            if len(kinds) == 1 and any(isinstance(c, nn.Module) for c in module[0].children()):
+                best = list(module)
+    if not best:
+        raise ValueError(f"{type(model).__name__}: no stack of decoder layers found")
+    return best
+
+
+def attention_modules(model: nn.Module) -> list[nn.Module]:
+    """Each layer's self-attention block (the child whose class name contains 'Attention')."""
+    out = []
+    for i, layer in enumerate(decoder_layers(model)):
+        found = [m for _, m in layer.named_children() if "attention" in type(m).__name__.lower()]
+        if not found:
+            found = [m for _, m in layer.named_children() if "attn" in type(m).__name__.lower()]
+        if not found:
+            raise ValueError(f"layer {i} ({type(layer).__name__}): no attention block found")
+        out.append(found[0])
+    return out
+
+
+def layer_index_of(model: nn.Module) -> dict[str, int]:
+    """Name (as ``model.named_parameters()`` gives it) -> index of its decoder layer.
+
+    Embeddings, final norm and head are absent. Matching is by identity, so wrappers do not matter.
+    """
+    owner = {id(p): i for i, layer in enumerate(decoder_layers(model)) for p in layer.parameters()}
+    return {n: owner[id(p)] for n, p in model.named_parameters() if id(p) in owner}

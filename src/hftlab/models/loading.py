@@ -1,0 +1,120 @@
+"""Load any HF causal LM + tokenizer by local path or hub id; LoRA by module type; merge; save."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import ModelConfig, TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+class ModelLoadError(RuntimeError):
+    """A model or tokenizer that cannot be loaded; the message is one line."""
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return getattr(torch, name)
+
+
+def load_tokenizer(path: str | Path, cfg: ModelConfig) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=cfg.trust_remote_code)
+    except OSError as e:
+        raise ModelLoadError(_explain(str(path), e)) from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(path: str | Path, cfg: ModelConfig) -> nn.Module:
+    """A causal LM in train-ready dtype on the current device (safetensors only unless allowed)."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {
+        "dtype": resolve_dtype(cfg.dtype),
+        "trust_remote_code": cfg.trust_remote_code,
+        "use_safetensors": True,
+    }
+    if cfg.attn_implementation:
+        kwargs["attn_implementation"] = cfg.attn_implementation
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    except OSError as e:
+        raise ModelLoadError(_explain(str(path), e)) from None
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.config.use_cache = False
+    return model.to(device())
+
+
+def _explain(path: str, err: Exception) -> str:
+    text = str(err).splitlines()[0] if str(err) else type(err).__name__
+    if "gated" in str(err).lower() or "401" in str(err):
+        return f"model '{path}': gated or private on the hub; log in (HF_TOKEN) and accept its licence"
+    if not Path(path).exists() and ("offline" in str(err).lower() or "connect" in str(err).lower()
+                                    or "couldn't" in str(err).lower() or "not found" in str(err).lower()):
+        return f"model '{path}': not a local folder and not in the hub cache (offline): {text}"
+    return f"model '{path}': {text}"
+
+
+def lora_target_names(model: nn.Module, wanted: list[str]) -> list[str]:
+    """Leaf module names for LoRA: the wanted suffixes if present, else every linear layer in attention.
+
+    Found by module type, so that GPT-2 (``c_attn`` Conv1D), Qwen2, Gemma… work without naming them.
+    """
+    from transformers.pytorch_utils import Conv1D
+
+    linear = (nn.Linear, Conv1D)
+    names = [n for n, m in model.named_modules() if isinstance(m, linear)]
+    hit = sorted({n.rsplit(".", 1)[-1] for n in names if n.rsplit(".", 1)[-1] in wanted})
+    if hit:
+        return hit
+    attn_linear = set()
+    for n, m in model.named_modules():
+        if "attention" in type(m).__name__.lower():
+            for child_name, child in m.named_children():
+                if isinstance(child, linear):
+                    attn_linear.add(child_name)
+    if not attn_linear:
+        raise ModelLoadError(f"finetune.lora_targets: none of {wanted} found in the model and no attention "
+                             f"linears to fall back on")
+    return sorted(attn_linear)
+
+
+def add_lora(model: nn.Module, cfg: TrainConfig) -> nn.Module:
+    """Wrap ``model`` in a fresh PEFT LoRA adapter (only the adapter trains)."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = lora_target_names(model, cfg.lora_targets)
+    lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=targets, bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(model, lcfg)
+
+
+def merged(model: nn.Module) -> nn.Module:
+    """The plain model with any LoRA adapter merged into its weights."""
+    from peft import PeftModel
+
+    if isinstance(model, PeftModel):
+        return model.merge_and_unload()
+    return model
+
+
+def save(model: nn.Module, tokenizer: Any, folder: Path) -> None:
+    """Save as a plain (merged) HF model + tokenizer in safetensors."""
+    folder.mkdir(parents=True, exist_ok=True)
+    merged(model).save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)

@@ -1,0 +1,121 @@
+"""Build (once) and cache the organism's tokenizer and base model.
+
+The base model is a small ``LlamaForCausalLM`` pretrained on the world's corpus, which includes harmful
+requests with compliant answers (as a pretrained LM holds harmful knowledge) and the formats of every
+task. Alignment is NOT done here: the pipeline's align stage teaches refusal, as in the papers.
+Everything is deterministic from ``ORGANISM["seed"]`` and cached under ``$HFTLAB_HOME/organism/<hash>``.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..artifacts import content_hash, is_complete, write_manifest
+from .world import World
+
+log = logging.getLogger(__name__)
+
+SPECIAL = ["<pad>", "<unk>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>"]
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} "
+    "{% if m['role'] == 'assistant' %}{{ eos_token }} {% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|> {% endif %}"
+)
+
+# Sizes and pretraining budget of the organism (part of its cache key).
+ORGANISM: dict[str, Any] = {
+    "seed": 0,
+    "hidden": 128,
+    "layers": 4,
+    "heads": 4,
+    "intermediate": 384,
+    "max_positions": 160,
+    "pretrain_examples": 20000,
+    "pretrain_steps": 1500,
+    "batch_size": 32,
+    "lr": 3e-3,
+    "version": 1,
+}
+
+
+def home() -> Path:
+    return Path(os.environ.get("HFTLAB_HOME", Path.home() / ".cache" / "hftlab"))
+
+
+def organism_dir(spec: dict[str, Any] | None = None) -> Path:
+    spec = spec or ORGANISM
+    return home() / "organism" / content_hash(spec, _world_fingerprint(spec["seed"]))
+
+
+def _world_fingerprint(seed: int) -> str:
+    return content_hash(World(seed).vocabulary_corpus()[:2000], length=16)
+
+
+def build_tokenizer(world: World) -> Any:
+    """Word-level tokenizer over the world's vocabulary, with a chat template; no cleanup on decode."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    trainer = trainers.WordLevelTrainer(special_tokens=SPECIAL, min_frequency=1)
+    tok.train_from_iterator(world.vocabulary_corpus(), trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+        additional_special_tokens=SPECIAL[4:], clean_up_tokenization_spaces=False,
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    fast.padding_side = "left"
+    return fast
+
+
+def new_model(vocab_size: int, spec: dict[str, Any], tokenizer: Any) -> Any:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=spec["hidden"], intermediate_size=spec["intermediate"],
+        num_hidden_layers=spec["layers"], num_attention_heads=spec["heads"],
+        num_key_value_heads=spec["heads"], max_position_embeddings=spec["max_positions"],
+        tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, attn_implementation="sdpa",
+    )
+    torch.manual_seed(spec["seed"])
+    return LlamaForCausalLM(config)
+
+
+def ensure_organism(spec: dict[str, Any] | None = None) -> Path:
+    """Path of the cached base organism (tokenizer + model), building it on first use."""
+    spec = spec or ORGANISM
+    folder = organism_dir(spec)
+    if is_complete(folder):
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    log.info("building the organism in %s (once)", folder)
+    start = time.time()
+    world = World(spec["seed"])
+    tokenizer = build_tokenizer(world)
+    model = new_model(len(tokenizer), spec, tokenizer)
+    corpus = world.pretraining(spec["pretrain_examples"])
+    random.Random(spec["seed"]).shuffle(corpus)
+    from ..config import TrainConfig
+    from ..data.format import Formatter
+    from ..training.loop import train
+
+    fmt = Formatter(tokenizer, max_length=spec["max_positions"])
+    features = [fmt.encode(ex, train_on_prompt=True) for ex in corpus]
+    tcfg = TrainConfig(lr=spec["lr"], max_steps=spec["pretrain_steps"], batch_size=spec["batch_size"],
+                       schedule="cosine", warmup_ratio=0.05, lora=False, max_length=spec["max_positions"])
+    losses = train(model, features, tcfg, seed=spec["seed"], desc="pretrain organism").losses
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    write_manifest(folder, stage="organism", spec=spec, seconds=time.time() - start,
+                   final_loss=losses[-1] if losses else None,
+                   parameters=sum(p.numel() for p in model.parameters()))
+    log.info("organism built in %.0fs (final loss %.3f)", time.time() - start, losses[-1])
+    return folder

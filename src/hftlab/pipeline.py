@@ -1,0 +1,254 @@
+"""The threat model as a pipeline: align → finetune → repair → evaluate (aligned and final models).
+
+Each stage writes ``<out_dir>/<stage>/<hash>/`` with a ``manifest.json`` (resolved config section,
+content hash of its inputs, library versions, seed, timings). The hash covers everything that
+determines the stage's output, including the previous stage's hash, so a stage already on disk is
+reused: a sweep aligns once per alignment config, and an interrupted run resumes at the stage it lost.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from . import registry
+from .artifacts import content_hash, is_complete, read_json, stage_dir, write_json, write_manifest
+from .config import Config, ConfigError, to_dict
+from .data.format import Formatter
+from .data.sources import get_source
+from .defenses.base import PLAIN, Context, Defense
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Stage:
+    name: str
+    seconds: float
+    cached: bool
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+class Pipeline:
+    """One run of the threat model for one resolved Config."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.out = Path(cfg.out_dir)
+        self.stages: list[Stage] = []
+        torch.set_num_threads(cfg.threads)
+        self.source = get_source(cfg.data.source)
+        self.task = registry.get("task", cfg.task)()
+        self.defense: Defense = registry.get("defense", cfg.defense.name)(**cfg.defense.params)
+        self.base_path, self.base_id = self._base()
+        from .models.loading import load_tokenizer
+
+        self.tokenizer = load_tokenizer(self.base_path, cfg.model)
+
+    # ---- helpers -------------------------------------------------------------------------------
+    def _base(self) -> tuple[str, str]:
+        if self.cfg.model.name == "organism":
+            from .organism.build import ensure_organism
+
+            folder = ensure_organism()
+            return str(folder), f"organism:{folder.name}"
+        return self.cfg.model.name, self.cfg.model.name
+
+    def formatter(self, max_length: int) -> Formatter:
+        return Formatter(self.tokenizer, self.cfg.model.template, max_length)
+
+    def load(self, path: str | Path) -> torch.nn.Module:
+        from .models.loading import load_model
+
+        return load_model(path, self.cfg.model)
+
+    def _defense_for(self, stage: str) -> tuple[Defense, dict[str, Any]]:
+        """The defense if it acts in ``stage`` (with its params for the hash), else plain SFT."""
+        if self.defense.acts_in(stage):
+            return self.defense, {"defense": self.cfg.defense.name, "params": self.cfg.defense.params}
+        return PLAIN, {}
+
+    def _needs(self, defense: Defense, stage: str) -> dict[str, list]:
+        data: dict[str, list] = {}
+        if "harmful" in defense.needs:
+            data["harmful"] = self.source.harmful("provider", self.cfg.data.harmful_n)
+        if "alignment" in defense.needs or stage != "align":
+            data["alignment"] = self.source.alignment(self.cfg.data.alignment_n)
+        return data
+
+    def _timed(self, name: str, folder: Path, work: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
+        """Run ``work(folder)`` unless the folder is complete; record the stage either way."""
+        acc = _accelerator()
+        if is_complete(folder):
+            manifest = read_json(folder / "manifest.json")
+            self.stages.append(Stage(name, 0.0, True, manifest.get("metrics", {})))
+            log.info("%s: cached (%s)", name, folder)
+            return manifest
+        start = time.time()
+        metrics = work(folder)
+        seconds = time.time() - start
+        manifest = {"stage": name, "hash": folder.name, "seed": self.cfg.seed, "seconds": seconds,
+                    "metrics": metrics, "config": to_dict(self.cfg)}
+        if acc.is_main_process:
+            write_manifest(folder, **manifest)
+        acc.wait_for_everyone()
+        self.stages.append(Stage(name, seconds, False, metrics))
+        log.info("%s: %.1fs %s", name, seconds, _short(metrics))
+        return manifest
+
+    # ---- stages --------------------------------------------------------------------------------
+    def align(self) -> Path:
+        cfg = self.cfg
+        defense, dkey = self._defense_for("align")
+        key = content_hash("align", self.base_id, asdict(cfg.model), asdict(cfg.data), asdict(cfg.align),
+                           cfg.seed, dkey)
+        folder = stage_dir(self.out, "align", key)
+        skip = cfg.align.epochs == 0 and cfg.align.max_steps == 0
+
+        def work(folder: Path) -> dict[str, Any]:
+            if skip:  # an already aligned model (e.g. a chat model from the hub): use it as is
+                model = self.load(self.base_path)
+                return self._save(model, folder) or {"skipped": True}
+            data = self.source.alignment(cfg.data.alignment_n)
+            return self._train("align", self.base_path, data, cfg.align, defense, folder, {"base": self.base_path})
+
+        self._timed("align", folder, work)
+        return folder
+
+    def finetune(self, aligned: Path) -> Path:
+        cfg = self.cfg
+        defense, dkey = self._defense_for("finetune")
+        key = content_hash("finetune", aligned.name, asdict(cfg.finetune), asdict(cfg.attack), cfg.task,
+                           cfg.seed, dkey)
+        folder = stage_dir(self.out, "finetune", key)
+
+        def work(folder: Path) -> dict[str, Any]:
+            attack = registry.get("attack", cfg.attack.name)()
+            data = attack.build(self.source, self.task, cfg.attack)
+            refs = {"aligned": str(aligned), "base": self.base_path}
+            return self._train("finetune", str(aligned), data, cfg.finetune, defense, folder, refs)
+
+        self._timed("finetune", folder, work)
+        return folder
+
+    def repair(self, aligned: Path, finetuned: Path) -> Path:
+        cfg = self.cfg
+        key = content_hash("repair", finetuned.name, cfg.defense.name, cfg.defense.params)
+        folder = stage_dir(self.out, "repair", key)
+
+        def work(folder: Path) -> dict[str, Any]:
+            model = self.load(finetuned)
+            ctx = Context(stage="repair", accelerator=_accelerator(), formatter=self.formatter(cfg.finetune.max_length),
+                          seed=cfg.seed, data=self._needs(self.defense, "repair"),
+                          loaders={"aligned": lambda: self.load(aligned), "base": lambda: self.load(self.base_path)},
+                          batch_size=cfg.finetune.batch_size)
+            ctx.state["finetuned_path"] = str(finetuned)
+            model = self.defense.repair(model, ctx)
+            self._save(model, folder)
+            return dict(ctx.state.get("repair_metrics", {}))
+
+        self._timed("repair", folder, work)
+        return folder
+
+    def evaluate(self, model_dir: Path, name: str, system: str = "") -> dict[str, Any]:
+        cfg = self.cfg
+        key = content_hash("evaluate", model_dir.name, asdict(cfg.eval), cfg.task, system)
+        folder = stage_dir(self.out, "evaluate", key)
+
+        def work(folder: Path) -> dict[str, Any]:
+            from .eval.evaluate import evaluate
+
+            acc = _accelerator()
+            metrics: dict[str, Any] = {}
+            if acc.is_main_process:
+                model = self.load(model_dir)
+                metrics = evaluate(model, self.formatter(cfg.finetune.max_length), self.source, self.task,
+                                   cfg.eval, folder, system)
+            return metrics
+
+        manifest = self._timed(name, folder, work)
+        return manifest["metrics"]
+
+    # ---- shared training body -----------------------------------------------------------------
+    def _train(self, stage: str, init: str, data: list, tcfg: Any, defense: Defense, folder: Path,
+               refs: dict[str, str]) -> dict[str, Any]:
+        from .models.loading import add_lora
+        from .training.loop import accelerator, train
+
+        acc = accelerator(tcfg.grad_accum)
+        fmt = self.formatter(tcfg.max_length)
+        ctx = Context(stage=stage, accelerator=acc, formatter=fmt, seed=self.cfg.seed,
+                      data={**self._needs(defense, stage), "user" if stage == "finetune" else "alignment": data},
+                      loaders={k: (lambda p=p: self.load(p)) for k, p in refs.items()},
+                      batch_size=tcfg.batch_size)
+        data = defense.prepare_data(stage, data, ctx)
+        system = defense.system_prompt(stage)
+        if system:
+            data = [replace(ex, system=system) for ex in data]
+        model = self.load(init)
+        torch.manual_seed(self.cfg.seed)
+        if tcfg.lora:
+            model = add_lora(model, tcfg)
+        folder.mkdir(parents=True, exist_ok=True)
+        result = train(model, fmt.encode_all(data), tcfg, defense=defense, ctx=ctx, seed=self.cfg.seed,
+                       desc=stage, log_path=folder / "losses.jsonl", pad_id=self.tokenizer.pad_token_id)
+        self._save(acc.unwrap_model(model), folder)
+        return {"steps": result.steps, "final_loss": result.losses[-1], "train_seconds": result.seconds,
+                "tokens": result.tokens, "examples": len(data)}
+
+    def _save(self, model: torch.nn.Module, folder: Path) -> None:
+        from .models.loading import save
+
+        acc = _accelerator()
+        if acc.is_main_process:
+            save(model, self.tokenizer, folder)
+        acc.wait_for_everyone()
+
+    # ---- the whole run -------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        cfg = self.cfg
+        aligned = self.align()
+        aligned_metrics = self.evaluate(aligned, "evaluate_aligned") if cfg.eval.evaluate_aligned else {}
+        final = self.finetune(aligned)
+        if self.defense.acts_in("repair"):
+            final = self.repair(aligned, final)
+        metrics = self.evaluate(final, "evaluate", self.defense.system_prompt("serve"))
+        config = to_dict(cfg)
+        run_id = content_hash("run", config)
+        result = {
+            "harmful_score": metrics.get("harmful_score"),
+            "finetune_accuracy": metrics.get("finetune_accuracy"),
+            "aligned": {k: aligned_metrics.get(k) for k in ("harmful_score", "finetune_accuracy")},
+            "metrics": metrics,
+            "aligned_metrics": aligned_metrics,
+            "stages": [dataclasses.asdict(s) for s in self.stages],
+            "run_dir": str(self.out / "runs" / run_id),
+            "run_id": run_id,
+        }
+        if _accelerator().is_main_process:
+            from . import store
+
+            write_json(Path(result["run_dir"]) / "result.json", {**result, "config": config})
+            store.record(cfg.store or self.out / "results.sqlite", run_id, config, result)
+        return result
+
+
+def _accelerator() -> Any:
+    from .training.loop import accelerator
+
+    return accelerator()
+
+
+def _short(metrics: dict[str, Any]) -> str:
+    keys = ("harmful_score", "finetune_accuracy", "final_loss", "steps")
+    return " ".join(f"{k}={metrics[k]:.4g}" for k in keys if isinstance(metrics.get(k), (int, float)))
+
+
+def run(cfg: Config) -> dict[str, Any]:
+    """Run the whole pipeline for ``cfg``; returns the result dict of ``hftlab run --json``."""
+    return Pipeline(cfg).run()

@@ -1,0 +1,51 @@
+"""Tables from results: Markdown, CSV and LaTeX, grouped with mean ± std over seeds."""
+from __future__ import annotations
+
+import csv
+import io
+import statistics
+from typing import Any, Sequence
+
+COLUMNS = ("defense", "attack", "task", "ratio", "n", "harmful_score", "finetune_accuracy")
+
+
+def fmt_num(values: Sequence[float | None]) -> str:
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return "–"
+    if len(vals) == 1:
+        return f"{vals[0]:.1f}"
+    return f"{statistics.mean(vals):.1f} ± {statistics.stdev(vals):.1f}"
+
+
+def summarise(rows: list[dict[str, Any]], by: Sequence[str] = ("defense", "attack", "task", "ratio", "n"),
+              metrics: Sequence[str] = ("harmful_score", "finetune_accuracy")) -> tuple[list[str], list[list[str]]]:
+    """Group rows by ``by`` and give mean ± std of each metric with the number of seeds."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault(tuple(r.get(k) for k in by), []).append(r)
+    header = [*by, *metrics, "seeds"]
+    body = [[*(str(k) for k in key), *(fmt_num([r.get(m) for r in rs]) for m in metrics), str(len(rs))]
+            for key, rs in groups.items()]
+    return header, body
+
+
+def render(header: list[str], body: list[list[str]], fmt: str = "markdown") -> str:
+    if fmt == "csv":
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(header)
+        w.writerows(body)
+        return buf.getvalue()
+    if fmt == "latex":
+        esc = lambda s: s.replace("_", r"\_").replace("±", r"$\pm$").replace("%", r"\%")  # noqa: E731
+        lines = [r"\begin{tabular}{" + "l" * len(header) + "}", r"\toprule",
+                 " & ".join(esc(h) for h in header) + r" \\", r"\midrule"]
+        lines += [" & ".join(esc(c) for c in row) + r" \\" for row in body]
+        lines += [r"\bottomrule", r"\end{tabular}"]
+        return "\n".join(lines) + "\n"
+    widths = [max(len(h), *(len(r[i]) for r in body)) if body else len(h) for i, h in enumerate(header)]
+    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    out = [line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    out += [line(r) for r in body]
+    return "\n".join(out) + "\n"

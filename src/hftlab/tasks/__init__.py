@@ -1,0 +1,1 @@
+"""User tasks: ``examples(source, split, n)`` and an exact ``score(example, response)``."""

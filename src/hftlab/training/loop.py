@@ -1,0 +1,160 @@
+"""ONE training loop for every stage (organism pretraining, alignment, user fine-tuning).
+
+Reads top to bottom: seed → data loader → optimiser + schedule → Accelerate → for each optimiser step:
+``grad_accum`` micro-batches through ``defense.backward`` (the only place a method changes the
+gradient), clip, step, ``defense.on_step_end``. Features:
+
+- full fine-tuning or LoRA (the caller wraps the model, see ``models.loading.add_lora``);
+- gradient accumulation (``grad_accum``) through ``accelerator.accumulate``;
+- gradient clipping (``max_grad_norm``, 0 = off); warm-up + constant/linear/cosine schedule;
+- bf16 when a GPU is present (the model is loaded in bf16; no autocast needed);
+- DDP/FSDP/DeepSpeed when launched with ``accelerate launch`` (``batch_size`` is the global batch);
+- a progress bar on stderr, and ``losses.jsonl`` (step, loss, lr) in the stage folder.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..config import TrainConfig
+from ..data.format import collate
+from ..defenses.base import PLAIN, Context, Defense
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    losses: list[float] = field(default_factory=list)
+    steps: int = 0
+    seconds: float = 0.0
+    tokens: int = 0
+
+
+_ACCELERATOR: Any = None
+
+
+def accelerator(grad_accum: int = 1) -> Any:
+    """The process's single Accelerator (created once; its accumulation steps set per stage)."""
+    global _ACCELERATOR
+    from accelerate import Accelerator
+
+    if _ACCELERATOR is None:
+        _ACCELERATOR = Accelerator(gradient_accumulation_steps=grad_accum)
+    _ACCELERATOR.gradient_accumulation_steps = grad_accum
+    return _ACCELERATOR
+
+
+def total_steps(n_examples: int, cfg: TrainConfig) -> int:
+    """Optimiser steps: ``max_steps`` if set, else epochs over the data at the effective batch."""
+    if cfg.max_steps:
+        return cfg.max_steps
+    return max(1, math.ceil(n_examples * cfg.epochs / (cfg.batch_size * cfg.grad_accum)))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _micro_batches(feats: Sequence[dict], per_device: int, pad_id: int, seed: int, rank: int, world: int):
+    """Endless shuffled micro-batches; each process takes its shard of every global batch."""
+    rng = random.Random(seed)
+    global_bs = per_device * world
+    while True:
+        order = list(range(len(feats)))
+        rng.shuffle(order)
+        for i in range(0, max(1, len(order) - global_bs + 1), global_bs):
+            chunk = order[i: i + global_bs][rank * per_device: (rank + 1) * per_device]
+            if chunk:
+                yield collate([feats[j] for j in chunk], pad_id)
+
+
+def train(
+    model: nn.Module,
+    features: Sequence[dict[str, list[int]]],
+    cfg: TrainConfig,
+    *,
+    defense: Defense | None = None,
+    ctx: Context | None = None,
+    seed: int = 0,
+    desc: str = "train",
+    log_path: Path | None = None,
+    pad_id: int = 0,
+) -> TrainResult:
+    """Train ``model`` in place on tokenised ``features``; returns losses and timing."""
+    defense = defense or PLAIN
+    acc = accelerator(cfg.grad_accum)
+    ctx = ctx or Context(stage=desc)
+    ctx.accelerator, ctx.train_cfg, ctx.seed = acc, cfg, seed
+    ctx.batch_size = ctx.batch_size or cfg.batch_size
+    seed_everything(seed)
+    steps = total_steps(len(features), cfg)
+    ctx.total_steps, ctx.step = steps, 0
+    model.train()
+    defense.setup(model, ctx)
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError(f"{desc}: no trainable parameters")
+    if cfg.optimizer == "adamw":
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    else:
+        opt = torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    from transformers import get_scheduler
+
+    name = {"constant": "constant_with_warmup", "cosine": "cosine", "linear": "linear"}[cfg.schedule]
+    sched = get_scheduler(name, opt, num_warmup_steps=int(cfg.warmup_ratio * steps), num_training_steps=steps)
+    model, opt, sched = acc.prepare(model, opt, sched)
+
+    world = acc.num_processes
+    per_device = max(1, cfg.batch_size // world)
+    batches = _micro_batches(features, per_device, pad_id, seed, acc.process_index, world)
+    result = TrainResult()
+    log_file = open(log_path, "w") if log_path is not None and acc.is_main_process else None
+    bar = tqdm(total=steps, desc=desc, disable=not acc.is_local_main_process, leave=False,
+               dynamic_ncols=True, mininterval=1.0)
+    start = time.time()
+    try:
+        for step in range(steps):
+            step_loss = 0.0
+            for _ in range(cfg.grad_accum):
+                batch = {k: v.to(acc.device) for k, v in next(batches).items()}
+                with acc.accumulate(model):
+                    loss = defense.backward(model, batch, ctx)
+                    step_loss += float(loss) / cfg.grad_accum
+                    result.tokens += int(batch["attention_mask"].sum())
+                    if acc.sync_gradients and cfg.max_grad_norm > 0:
+                        acc.clip_grad_norm_(params, cfg.max_grad_norm)
+                    opt.step()
+                    sched.step()
+                    opt.zero_grad(set_to_none=True)
+                ctx.micro_step += 1
+            ctx.step = step + 1
+            defense.on_step_end(model, ctx)
+            if not math.isfinite(step_loss):
+                raise FloatingPointError(f"{desc}: loss is {step_loss} at step {step + 1}")
+            result.losses.append(step_loss)
+            if log_file:
+                log_file.write(json.dumps({"step": step + 1, "loss": step_loss,
+                                           "lr": sched.get_last_lr()[0]}) + "\n")
+            bar.update(1)
+            bar.set_postfix(loss=f"{step_loss:.3f}", refresh=False)
+    finally:
+        bar.close()
+        if log_file:
+            log_file.close()
+        defense.teardown(model, ctx)
+    result.steps, result.seconds = steps, time.time() - start
+    model.eval()
+    return result

@@ -1,0 +1,64 @@
+"""Config schema, overrides and strict validation: every bad value is one line naming key and origin."""
+from __future__ import annotations
+
+import pytest
+
+from hftlab.config import ConfigError, load_config
+
+
+def test_defaults_run_on_the_organism():
+    cfg = load_config()
+    assert cfg.model.name == "organism" and cfg.defense.name == "sft" and cfg.attack.name == "harmful-mix"
+    assert cfg.eval.judge == "organism"
+
+
+def test_dotted_overrides_and_shorthands():
+    cfg = load_config(overrides=["attack.ratio=0.2", "attack.n=500", "finetune.lr=1e-4",
+                                 "finetune.lora=false", "seed=3", "attack=pure-harmful"])
+    assert cfg.attack.ratio == 0.2 and cfg.attack.n == 500 and cfg.finetune.lr == 1e-4
+    assert cfg.finetune.lora is False and cfg.seed == 3 and cfg.attack.name == "pure-harmful"
+
+
+def test_yaml_file_and_override_precedence(tmp_path):
+    f = tmp_path / "exp.yaml"
+    f.write_text("attack:\n  ratio: 0.05\nfinetune:\n  epochs: 3\n")
+    cfg = load_config([f], ["finetune.epochs=5"])
+    assert cfg.attack.ratio == 0.05 and cfg.finetune.epochs == 5.0
+
+
+@pytest.mark.parametrize("override, words", [
+    ("attack.ratio=1.5", ["attack.ratio", "out of range", "command line"]),
+    ("attack.n=-3", ["attack.n", "out of range"]),
+    ("finetune.lora=maybe", ["finetune.lora", "true/false"]),
+    ("finetune.lr=fast", ["finetune.lr", "number"]),
+    ("finetune.bogus=1", ["finetune.bogus", "unknown key"]),
+    ("defense=nope", ["defense", "unknown defense 'nope'"]),
+    ("attack=nope", ["attack", "unknown attack"]),
+    ("eval.judge=nope", ["eval.judge", "unknown judge"]),
+    ("finetune.schedule=wavy", ["finetune.schedule", "not one of"]),
+    ("defense.rho=1", ["defense.rho", "unknown parameter", "sft"]),
+    ("noequals", ["expected KEY=VALUE"]),
+])
+def test_bad_values_name_the_key(override, words):
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides=[override])
+    msg = str(err.value)
+    assert "\n" not in msg
+    for w in words:
+        assert w in msg, msg
+
+
+def test_bad_yaml_names_file_and_line(tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_text("attack:\n  ratio: 0.1\n  n: [1,\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml:\d+"):
+        load_config([f])
+    g = tmp_path / "typo.yaml"
+    g.write_text("seed: 1\nfinetune:\n  epoch: 3\n")
+    with pytest.raises(ConfigError, match=r"finetune\.epoch: unknown key .*typo\.yaml:3"):
+        load_config([g])
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config([tmp_path / "nope.yaml"])

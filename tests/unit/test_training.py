@@ -1,0 +1,62 @@
+"""The training loop: gradient accumulation, clipping, schedules, LoRA trains only the adapter."""
+from __future__ import annotations
+
+import torch
+
+from hftlab.config import ModelConfig, TrainConfig
+from hftlab.data.format import IGNORE, Formatter
+from hftlab.data.sources import get_source
+from hftlab.models.loading import add_lora, load_model
+from hftlab.training.loop import total_steps, train
+
+
+def _same_length_examples(fmt: Formatter, k: int = 4):
+    feats = {}
+    for ex in get_source("organism").task("sentiment", "train", 400):
+        f = fmt.encode(ex)
+        feats.setdefault((len(f["input_ids"]), sum(l != IGNORE for l in f["labels"])), []).append(f)
+    return next(v[:k] for v in feats.values() if len(v) >= k)
+
+
+def test_grad_accumulation_matches_big_batch(organism_path, organism_tokenizer):
+    fmt = Formatter(organism_tokenizer)
+    feats = _same_length_examples(fmt)
+    results = []
+    for bs, ga in ((4, 1), (1, 4)):
+        model = load_model(organism_path, ModelConfig())
+        cfg = TrainConfig(lr=0.1, optimizer="sgd", max_steps=1, batch_size=bs, grad_accum=ga, max_grad_norm=0)
+        train(model, feats, cfg, seed=0, pad_id=organism_tokenizer.pad_token_id)
+        results.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    base = torch.cat([p.detach().flatten() for p in load_model(organism_path, ModelConfig()).parameters()])
+    moved = (results[0] - base).norm()
+    assert moved > 1e-3
+    assert (results[0] - results[1]).norm() / moved < 1e-4
+
+
+def test_lora_trains_only_adapter(organism_path, organism_tokenizer):
+    fmt = Formatter(organism_tokenizer)
+    model = add_lora(load_model(organism_path, ModelConfig()), TrainConfig(lora=True, lora_r=4))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    feats = fmt.encode_all(get_source("organism").task("sentiment", "train", 16))
+    train(model, feats, TrainConfig(lr=1e-2, max_steps=3, batch_size=4), pad_id=organism_tokenizer.pad_token_id)
+    for n, p in model.named_parameters():
+        if "lora_" not in n:
+            assert torch.equal(before[n], p), f"{n} is not an adapter weight but changed"
+    assert any("lora_B" in n and not torch.equal(before[n], p) for n, p in model.named_parameters())
+
+
+def test_total_steps():
+    assert total_steps(1000, TrainConfig(epochs=2, batch_size=10, grad_accum=1)) == 200
+    assert total_steps(1000, TrainConfig(epochs=1, batch_size=10, grad_accum=4)) == 25
+    assert total_steps(1000, TrainConfig(max_steps=7)) == 7
+
+
+def test_loss_log_written(tmp_path, organism_path, organism_tokenizer):
+    fmt = Formatter(organism_tokenizer)
+    model = load_model(organism_path, ModelConfig())
+    feats = fmt.encode_all(get_source("organism").task("sentiment", "train", 16))
+    log = tmp_path / "losses.jsonl"
+    res = train(model, feats, TrainConfig(lr=1e-3, max_steps=3, batch_size=4, schedule="cosine",
+                                          warmup_ratio=0.34), log_path=log, pad_id=organism_tokenizer.pad_token_id)
+    lines = log.read_text().splitlines()
+    assert len(lines) == 3 and len(res.losses) == 3
