@@ -5,13 +5,15 @@ A stage's folder is ``<out_dir>/<stage>/<hash>/``; it is complete when its ``man
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import platform
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 
 def content_hash(*parts: Any, length: int = 12) -> str:
@@ -64,6 +66,18 @@ def stage_dir(out_dir: str | Path, stage: str, digest: str) -> Path:
 
 def is_complete(folder: Path) -> bool:
     return (folder / "manifest.json").is_file()
+
+
+@contextlib.contextmanager
+def stage_lock(folder: Path) -> Iterator[None]:
+    """An exclusive lock on a stage folder across processes (released when the holder dies)."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.parent / f".{folder.name}.lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def write_manifest(folder: Path, **fields: Any) -> dict[str, Any]:

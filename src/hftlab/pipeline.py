@@ -17,7 +17,7 @@ from typing import Any, Callable
 import torch
 
 from . import registry
-from .artifacts import content_hash, is_complete, read_json, stage_dir, write_json, write_manifest
+from .artifacts import content_hash, is_complete, read_json, stage_dir, stage_lock, write_json, write_manifest
 from .config import Config, ConfigError, to_dict
 from .data.format import Formatter
 from .data.sources import get_source
@@ -84,6 +84,11 @@ class Pipeline:
     def _timed(self, name: str, folder: Path, work: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
         """Run ``work(folder)`` unless the folder is complete; record the stage either way."""
         acc = _accelerator()
+        with stage_lock(folder):  # parallel sweep cells sharing a stage: one computes, the others reuse
+            return self._timed_locked(name, folder, work, acc)
+
+    def _timed_locked(self, name: str, folder: Path, work: Callable[[Path], dict[str, Any]],
+                      acc: Any) -> dict[str, Any]:
         if is_complete(folder):
             manifest = read_json(folder / "manifest.json")
             self.stages.append(Stage(name, 0.0, True, manifest.get("metrics", {})))

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ..artifacts import content_hash, is_complete, write_manifest
+from ..artifacts import content_hash, is_complete, stage_lock, write_manifest
 from .world import World
 
 log = logging.getLogger(__name__)
@@ -95,6 +95,13 @@ def ensure_organism(spec: dict[str, Any] | None = None) -> Path:
     folder = organism_dir(spec)
     if is_complete(folder):
         return folder
+    with stage_lock(folder):  # one builder at a time; the others wait, then reuse it
+        if not is_complete(folder):
+            _build(spec, folder)
+    return folder
+
+
+def _build(spec: dict[str, Any], folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     log.info("building the organism in %s (once)", folder)
     start = time.time()
@@ -118,4 +125,3 @@ def ensure_organism(spec: dict[str, Any] | None = None) -> Path:
                    final_loss=losses[-1] if losses else None,
                    parameters=sum(p.numel() for p in model.parameters()))
     log.info("organism built in %.0fs (final loss %.3f)", time.time() - start, losses[-1])
-    return folder
