@@ -34,6 +34,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("validate", help="check a config and print it resolved")
     _config_args(p)
 
+    p = sub.add_parser("sweep", help="a grid over config keys (KEY=V1,V2 …), parallel, resumable")
+    _config_args(p)
+    p.add_argument("--jobs", type=int, default=1, help="cells run in parallel (1 torch thread each)")
+
+    p = sub.add_parser("bench", help="the survey's comparison on the organism: table, p-curves, stress, overheads")
+    p.add_argument("--quick", action="store_true", help="one seed instead of three")
+    p.add_argument("--jobs", type=int, default=2, help="cells run in parallel (1 torch thread each)")
+    p.add_argument("--out", default="reports/bench", help="report folder (default: %(default)s)")
+    p.add_argument("--runs", default="runs", help="run folders and store (default: %(default)s)")
+    p.add_argument("--no-sweeps", action="store_true", help="main table only (no p-sweep, no stress)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides for every cell")
+
     sub.add_parser("list", help="registered defenses, attacks, judges and tasks by stage")
 
     p = sub.add_parser("report", help="tables from the results store")
@@ -67,7 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _is_user_error(e: Exception) -> bool:
     from .data.errors import DataError
 
-    names = {"ModelLoadError", "DataError", "RegistryError"}
+    names = {"ModelLoadError", "DataError", "RegistryError", "JudgeError"}
     return isinstance(e, DataError) or type(e).__name__ in names
 
 
@@ -140,7 +152,33 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "validate": cmd_validate, "list": cmd_list, "report": cmd_report}
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from .report import render, summarise
+    from .sweep import run_sweep
+
+    grid = [o for o in args.overrides if "," in o.split("=", 1)[-1] and not o.split("=", 1)[-1].startswith("[")]
+    fixed = [o for o in args.overrides if o not in grid]
+    results = run_sweep(args.config, grid, fixed, jobs=args.jobs)
+    keys = [g.split("=", 1)[0] for g in grid if g.split("=", 1)[0] != "seed"]
+    by = [{"defense": "defense.name", "attack": "attack.name"}.get(k, k) for k in keys] or ["defense.name"]
+    header, body = summarise(results, by=by)
+    print(render(header, body), end="")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .bench_suite import run_bench
+
+    seeds = (0,) if args.quick else (0, 1, 2)
+    out = run_bench(Path(args.out), seeds, args.jobs, args.runs, args.overrides, sweeps=not args.no_sweeps)
+    print((out / "table.md").read_text())
+    print(f"report: {out}/ (table.md, table.csv, table.tex, *.png)")
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "sweep": cmd_sweep, "bench": cmd_bench, "validate": cmd_validate, "list": cmd_list, "report": cmd_report}
 
 if __name__ == "__main__":
     sys.exit(main())

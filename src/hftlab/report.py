@@ -18,14 +18,26 @@ def fmt_num(values: Sequence[float | None]) -> str:
     return f"{statistics.mean(vals):.1f} ± {statistics.stdev(vals):.1f}"
 
 
+def value(row: dict[str, Any], key: str) -> Any:
+    """A column of a store row, or a dotted config key (``finetune.lr``) from its config."""
+    if key in row:
+        return row[key]
+    node: Any = row.get("config", {})
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
 def summarise(rows: list[dict[str, Any]], by: Sequence[str] = ("defense", "attack", "task", "ratio", "n"),
               metrics: Sequence[str] = ("harmful_score", "finetune_accuracy")) -> tuple[list[str], list[list[str]]]:
     """Group rows by ``by`` and give mean ± std of each metric with the number of seeds."""
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in rows:
-        groups.setdefault(tuple(r.get(k) for k in by), []).append(r)
+        groups.setdefault(tuple(value(r, k) for k in by), []).append(r)
     header = [*by, *metrics, "seeds"]
-    body = [[*(str(k) for k in key), *(fmt_num([r.get(m) for r in rs]) for m in metrics), str(len(rs))]
+    body = [[*(str(k) for k in key), *(fmt_num([value(r, m) for r in rs]) for m in metrics), str(len(rs))]
             for key, rs in groups.items()]
     return header, body
 

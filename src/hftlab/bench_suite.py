@@ -1,0 +1,125 @@
+"""``hftlab bench``: the survey's comparison on the organism, in one command.
+
+Runs (through :mod:`hftlab.sweep`, so cached and resumable):
+1. the main table: SFT and every registered defense at the default attack (p = 0.1, n = 1000), seeds;
+2. the p-sweep: HS/FA vs p ∈ {0, 0.05, 0.1, 0.2} for SFT and the P1 defenses;
+3. the stress regime: 10× the fine-tuning learning rate for SFT and the P1 defenses;
+then writes a report folder: ``table.md`` (method, stage, HS, FA as mean ± std, time ratio vs SFT),
+``table.csv``, ``table.tex``, and PNG plots (HS vs p per method, HS–FA scatter, overhead bars).
+Step-time ratios come from the stage manifests of the same runs: the seconds per optimiser step of
+the stage the method acts in, divided by SFT's for the same stage and seed.
+"""
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from . import registry
+from .artifacts import atomic_write_text
+from .report import fmt_num, render, value
+from .sweep import run_sweep
+
+log = logging.getLogger(__name__)
+
+# The core benchmark of the survey (METHODS.md priority P1), in stage order.
+P1 = ("vaccine", "booster", "repnoise", "lisa", "safeinstr", "ldifs", "constrained-sft", "safelora", "antidote")
+RATIOS = (0.0, 0.05, 0.1, 0.2)
+
+
+def _stage_time(result: dict[str, Any], stage: str) -> float | None:
+    for s in result["stages"]:
+        if s["name"] == stage:
+            m = s.get("metrics") or {}
+            if stage == "repair":
+                return s["seconds"] if not s["cached"] else m.get("seconds")
+            if m.get("steps"):
+                return m["train_seconds"] / m["steps"]
+    return None
+
+
+def _acting_stage(defense: str) -> str:
+    stages = getattr(registry.get("defense", defense), "stages", ())
+    for s in ("align", "finetune", "repair"):
+        if s in stages:
+            return s
+    return "finetune"
+
+
+def overhead(results: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """Mean ratio of each defense's per-step time (its acting stage) to SFT's, same seed."""
+    sft = {value(r, "seed"): r for r in results if value(r, "defense.name") == "sft"}
+    ratios: dict[str, list[float]] = {}
+    for r in results:
+        d = value(r, "defense.name")
+        stage = _acting_stage(d)
+        base = sft.get(value(r, "seed"))
+        if base is None:
+            continue
+        if stage == "repair":
+            mine, ref = _stage_time(r, "repair"), _stage_time(base, "finetune")
+            ref = ref * next(s["metrics"]["steps"] for s in base["stages"] if s["name"] == "finetune") if ref else None
+        else:
+            mine, ref = _stage_time(r, stage), _stage_time(base, stage)
+        if mine and ref:
+            ratios.setdefault(d, []).append(mine / ref)
+    return {d: statistics.mean(v) for d, v in ratios.items()}
+
+
+def main_table(results: Sequence[dict[str, Any]], ratios: dict[str, float]) -> tuple[list[str], list[list[str]]]:
+    header = ["method", "stage", "HS (%)", "FA (%)", "time ratio vs SFT", "seeds"]
+    body = []
+    for name in registry.names("defense"):
+        rs = [r for r in results if value(r, "defense.name") == name]
+        if not rs:
+            continue
+        stage = registry.entry("defense", name).stage
+        ratio = ratios.get(name)
+        body.append([name, stage, fmt_num([r["harmful_score"] for r in rs]),
+                     fmt_num([r["finetune_accuracy"] for r in rs]),
+                     "1.00" if name == "sft" else (f"{ratio:.2f}" + (" (repair/FT run)" if stage == "repair" else "")
+                                                   if ratio else "–"), str(len(rs))])
+    return header, body
+
+
+def run_bench(out: Path, seeds: Sequence[int], jobs: int, runs_dir: str, extra: Sequence[str] = (),
+              sweeps: bool = True) -> Path:
+    """Run the suite and write the report folder; returns it."""
+    start = time.time()
+    fixed = [f"out_dir={runs_dir}", *extra]
+    defenses = registry.names("defense")
+    p1 = ["sft", *[d for d in P1 if d in defenses]]
+    seed_axis = f"seed={','.join(map(str, seeds))}"
+    main = run_sweep([], [f"defense={','.join(defenses)}", seed_axis], fixed, jobs, desc="main table")
+    curves = stress = []
+    if sweeps:
+        curves = run_sweep([], [f"defense={','.join(p1)}", f"attack.ratio={','.join(map(str, RATIOS))}",
+                                f"seed={seeds[0]}"], fixed, jobs, desc="p-sweep")
+        from .config import load_config
+
+        lr = load_config(overrides=list(extra)).finetune.lr
+        stress = run_sweep([], [f"defense={','.join(p1)}", f"seed={seeds[0]}"],
+                           [*fixed, f"finetune.lr={lr * 10:g}"], jobs, desc="stress 10x lr")
+    ratios = overhead(main)
+    out.mkdir(parents=True, exist_ok=True)
+    header, body = main_table(main, ratios)
+    md = [f"# hftlab bench on the organism\n", f"p = 0.1, n = 1000, seeds {list(seeds)}; "
+          f"wall time {time.time() - start:.0f} s\n", "## Main table\n", render(header, body)]
+    if curves:
+        rows = [[d, *(fmt_num([r["harmful_score"] for r in curves if value(r, "defense.name") == d
+                                and value(r, "attack.ratio") == p]) for p in RATIOS)] for d in p1]
+        md += ["\n## HS (%) vs harmful ratio p (seed %d)\n" % seeds[0], render(["method", *map(str, RATIOS)], rows)]
+    if stress:
+        base = {value(r, "defense.name"): r for r in main if value(r, "seed") == seeds[0]}
+        rows = [[d, f"{base[d]['harmful_score']:.1f}" if d in base else "–",
+                 *(f"{r['harmful_score']:.1f}" for r in stress if value(r, "defense.name") == d)] for d in p1]
+        md += ["\n## Stress regime: HS (%) at default lr and at 10x lr\n", render(["method", "default lr", "10x lr"], rows)]
+    atomic_write_text(out / "table.md", "".join(md))
+    atomic_write_text(out / "table.csv", render(header, body, "csv"))
+    atomic_write_text(out / "table.tex", render(header, body, "latex"))
+    from .plots import plot_bench
+
+    plot_bench(out, main, curves, ratios, p1, RATIOS)
+    return out
