@@ -44,14 +44,16 @@ class TrainResult:
 _ACCELERATOR: Any = None
 
 
-def accelerator(grad_accum: int = 1) -> Any:
-    """The process's single Accelerator (created once; its accumulation steps set per stage)."""
+def accelerator(grad_accum: int | None = None) -> Any:
+    """The process's single Accelerator; ``grad_accum`` (given by each training stage) configures it."""
     global _ACCELERATOR
     from accelerate import Accelerator
 
     if _ACCELERATOR is None:
-        _ACCELERATOR = Accelerator(gradient_accumulation_steps=grad_accum)
-    _ACCELERATOR.gradient_accumulation_steps = grad_accum
+        _ACCELERATOR = Accelerator(gradient_accumulation_steps=grad_accum or 1)
+    if grad_accum is not None:
+        _ACCELERATOR.gradient_accumulation_steps = grad_accum
+        _ACCELERATOR.step = 0  # its micro-step counter decides when to sync: restart it per stage
     return _ACCELERATOR
 
 
