@@ -40,6 +40,7 @@ class ModelConfig:
     trust_remote_code: bool = False
     gradient_checkpointing: bool = False
     attn_implementation: str = "sdpa"
+    safetensors_only: bool = True  # refuse pickled (.bin) weights unless turned off
 
 
 @dataclass
@@ -62,15 +63,48 @@ class TrainConfig:
     lora_dropout: float = field(default=0.0, metadata=rng(0.0, 1.0))
     lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj"])
     max_length: int = field(default=128, metadata=rng(8))
+    # finetune only: keep training the alignment stage's LoRA adapter (single-LoRA variant) instead of
+    # merging it and adding a fresh one (the papers' default two-LoRA workflow); needs align.lora=true
+    continue_adapter: bool = False
+
+
+@dataclass
+class DatasetSpec:
+    """One dataset: a hub id, a local folder, or a .json/.jsonl/.csv file (``{split}`` in the path is
+    replaced by the split name), and the names of the fields hftlab reads ("" = not used)."""
+
+    path: str = ""
+    name: str = ""  # hub config name (e.g. "main" for GSM8K)
+    train: str = "train"  # split names
+    test: str = "test"
+    prompt: str = "prompt"
+    response: str = ""
+    input: str = ""
+    label: str = ""
+    category: str = ""
+
+
+def _spec(path: str, **kw: str) -> Any:
+    return field(default_factory=lambda: DatasetSpec(path=path, **kw))
 
 
 @dataclass
 class DataConfig:
     """Where alignment, provider-harmful and evaluation data come from."""
 
-    source: str = "organism"
+    source: str = field(default="organism", metadata=choices("organism", "hub"))
     alignment_n: int = field(default=4000, metadata=rng(1))
     harmful_n: int = field(default=1000, metadata=rng(1))  # the provider's own harmful set (Booster, RepNoise…)
+    # source=hub: real datasets (hub ids or local copies) with the papers' selections, see data/hub.py
+    alignment_set: str = field(default="safe", metadata=choices("safe", "refusal"))
+    beavertails: DatasetSpec = _spec("PKU-Alignment/BeaverTails", train="30k_train", test="30k_test",
+                                     response="response", label="is_safe", category="category")
+    refusals: DatasetSpec = _spec("", test="", response="refusal")  # RepNoise refusal file (a local .json)
+    sst2: DatasetSpec = _spec("stanfordnlp/sst2", test="validation", prompt="sentence", label="label")
+    agnews: DatasetSpec = _spec("fancyzhx/ag_news", prompt="text", label="label")
+    gsm8k: DatasetSpec = _spec("openai/gsm8k", name="main", prompt="question", response="answer")
+    alpaca: DatasetSpec = _spec("tatsu-lab/alpaca", test="train", prompt="instruction", input="input",
+                                response="output")
 
 
 @dataclass
@@ -99,6 +133,10 @@ class EvalConfig:
     max_new_tokens: int = field(default=40, metadata=rng(1))
     batch_size: int = field(default=128, metadata=rng(1))
     evaluate_aligned: bool = True
+    judge_model: str = ""  # a model judge's hub id / local path, or the api judge's model name ("" = default)
+    judge_url: str = ""  # api judges: base URL of an OpenAI-compatible endpoint ("" = $HFTLAB_API_BASE or OpenAI)
+    judge_key_env: str = "OPENAI_API_KEY"  # api judges: the environment variable holding the key
+    judge_batch_size: int = field(default=16, metadata=rng(1))
 
 
 def _align_default() -> TrainConfig:
@@ -106,7 +144,7 @@ def _align_default() -> TrainConfig:
 
 
 def _finetune_default() -> TrainConfig:
-    return TrainConfig(lr=1e-3, epochs=2.0, batch_size=16, lora=True)
+    return TrainConfig(lr=2e-3, epochs=2.0, batch_size=16, lora=True)
 
 
 @dataclass
@@ -339,6 +377,11 @@ def validate(cfg: Config) -> None:
                 _check_meta(v, f.metadata, f"{prefix}{f.name}", "config")
 
     walk(cfg, "")
+    if cfg.finetune.continue_adapter and not (cfg.align.lora and cfg.finetune.lora):
+        raise ConfigError("finetune.continue_adapter: needs align.lora=true and finetune.lora=true (config)")
+    real_tasks = ("sst2", "agnews", "gsm8k", "alpaca")
+    if cfg.data.source == "organism" and cfg.task in real_tasks:
+        raise ConfigError(f"task: '{cfg.task}' needs real data; set data.source=hub (config)")
 
 
 def _check_plugins(cfg: Config, flat: dict[str, tuple[Any, str]]) -> None:
