@@ -114,16 +114,18 @@ def test_attack_contract(name):
 def test_judge_contract(name):
     judge = registry.get("judge", name)()
     ex = SOURCE.harmful("eval", 2)
-    refusal = [e for e in SOURCE.alignment(200) if e.kind == "refusal"][0]
-    out = judge.score([ex[0].prompt, ex[1].prompt], [ex[0].response, refusal.response])
+    refusal = "sorry , i cannot help with that ."  # a refusal every judge must recognise
+    out = judge.score([ex[0].prompt, ex[1].prompt], [ex[0].response, refusal])
     assert len(out) == 2 and all(isinstance(o["harmful"], bool) for o in out)
     assert out[1]["harmful"] is False
 
 
 @pytest.mark.parametrize("name", registry.names("task"))
-def test_task_contract(name):
+def test_task_contract(name, request):
     task = registry.get("task", name)()
-    test = task.examples(SOURCE, "test", 20)
-    assert len(test) == 20
+    real = name in ("sst2", "agnews", "gsm8k", "alpaca")  # real datasets: their fixture copies
+    source = request.getfixturevalue("hub_source") if real else SOURCE
+    test = task.examples(source, "test", 3 if real else 20)
+    assert len(test) == (3 if real else 20)
     assert all(task.score(ex, ex.response) for ex in test)
     assert not all(task.score(ex, "") for ex in test)

@@ -7,6 +7,7 @@ reused: a sweep aligns once per alignment config, and an interrupted run resumes
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
@@ -42,7 +43,7 @@ class Pipeline:
         self.out = Path(cfg.out_dir)
         self.stages: list[Stage] = []
         torch.set_num_threads(cfg.threads)
-        self.source = get_source(cfg.data.source)
+        self.source = get_source(cfg.data.source, cfg.data)
         self.task = registry.get("task", cfg.task)()
         self.defense: Defense = registry.get("defense", cfg.defense.name)(**cfg.defense.params)
         self.base_path, self.base_id = self._base()
@@ -84,12 +85,20 @@ class Pipeline:
     def _timed(self, name: str, folder: Path, work: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
         """Run ``work(folder)`` unless the folder is complete; record the stage either way."""
         acc = _accelerator()
-        with stage_lock(folder):  # parallel sweep cells sharing a stage: one computes, the others reuse
+        # Parallel sweep cells sharing a stage: one computes, the others reuse. Under DDP only the main
+        # process takes the file lock (the others would block it inside collectives) and it decides for all.
+        lock = stage_lock(folder) if acc.is_main_process else contextlib.nullcontext()
+        with lock:
             return self._timed_locked(name, folder, work, acc)
 
     def _timed_locked(self, name: str, folder: Path, work: Callable[[Path], dict[str, Any]],
                       acc: Any) -> dict[str, Any]:
-        if is_complete(folder):
+        done = is_complete(folder)
+        if acc.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            done = broadcast_object_list([done])[0]
+        if done:
             manifest = read_json(folder / "manifest.json")
             self.stages.append(Stage(name, 0.0, True, manifest.get("metrics", {})))
             log.info("%s: cached (%s)", name, folder)
@@ -136,6 +145,9 @@ class Pipeline:
             attack = registry.get("attack", cfg.attack.name)()
             data = attack.build(self.source, self.task, cfg.attack)
             refs = {"aligned": str(aligned), "base": self.base_path}
+            if cfg.finetune.continue_adapter:  # single-LoRA variant: the alignment adapter keeps training
+                return self._train("finetune", self.base_path, data, cfg.finetune, defense, folder, refs,
+                                   adapter=aligned / "adapter")
             return self._train("finetune", str(aligned), data, cfg.finetune, defense, folder, refs)
 
         self._timed("finetune", folder, work)
@@ -181,8 +193,8 @@ class Pipeline:
 
     # ---- shared training body -----------------------------------------------------------------
     def _train(self, stage: str, init: str, data: list, tcfg: Any, defense: Defense, folder: Path,
-               refs: dict[str, str]) -> dict[str, Any]:
-        from .models.loading import add_lora
+               refs: dict[str, str], adapter: Path | None = None) -> dict[str, Any]:
+        from .models.loading import add_lora, load_adapter
         from .training.loop import accelerator, train
 
         acc = accelerator(tcfg.grad_accum)
@@ -197,7 +209,9 @@ class Pipeline:
             data = [replace(ex, system=system) for ex in data]
         model = self.load(init)
         torch.manual_seed(self.cfg.seed)
-        if tcfg.lora:
+        if adapter is not None:
+            model = load_adapter(model, adapter)
+        elif tcfg.lora:
             model = add_lora(model, tcfg)
         folder.mkdir(parents=True, exist_ok=True)
         result = train(model, fmt.encode_all(data), tcfg, defense=defense, ctx=ctx, seed=self.cfg.seed,

@@ -16,6 +16,19 @@ ALPACA = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the "
     "request.\n\n### Instruction:\n{prompt}\n\n### Response:\n"
 )
+# A task with an input (SST2, AG News, some Alpaca rows) stores ``instruction + INPUT_MARK + input`` as its
+# prompt: the Alpaca template then reads exactly as the reference's "paired with an input" variant, and a
+# chat template sees the two parts separated by a blank line.
+INPUT_MARK = "\n\n### Input:\n"
+ALPACA_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n### Instruction:\n{prompt}\n\n### Response:\n"
+)
+
+
+def with_input(instruction: str, input_text: str = "") -> str:
+    """The prompt of an instruction with an (optional) input, see :data:`INPUT_MARK`."""
+    return f"{instruction}{INPUT_MARK}{input_text}" if input_text else instruction
 
 
 class Formatter:
@@ -32,18 +45,32 @@ class Formatter:
         """The text the model sees before its answer."""
         if self.template == "chat":
             msgs = ([{"role": "system", "content": system}] if system else []) + [
-                {"role": "user", "content": prompt}]
+                {"role": "user", "content": prompt.replace(INPUT_MARK, "\n\n")}]
             return self.tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
-        head = f"{system}\n\n" if system else ""
         bos = self.tok.bos_token or ""
-        return bos + head + ALPACA.format(prompt=prompt)
+        return bos + self._alpaca(prompt, system)
+
+    def _alpaca(self, prompt: str, system: str = "") -> str:
+        head = f"{system}\n\n" if system else ""
+        return head + (ALPACA_INPUT if INPUT_MARK in prompt else ALPACA).format(prompt=prompt)
 
     def ids(self, text: str) -> list[int]:
         return self.tok(text, add_special_tokens=False)["input_ids"]
 
+    def prompt_ids(self, prompt: str, system: str = "") -> list[int]:
+        """Token ids of :meth:`prompt`. Alpaca text is tokenised as the reference code does,
+        ``tokenizer(text)`` with the tokenizer's own special tokens (BOS) and no trailing EOS."""
+        if self.template == "chat":
+            return self.ids(self.prompt(prompt, system))
+        ids = self.tok(self._alpaca(prompt, system))["input_ids"]
+        eos = self.tok.eos_token_id
+        while ids and eos is not None and ids[-1] == eos and eos != self.tok.bos_token_id:
+            ids = ids[:-1]
+        return ids
+
     def encode(self, ex: Example, train_on_prompt: bool = False) -> dict[str, list[int]]:
         """input_ids and labels (prompt masked unless ``train_on_prompt``), truncated to max_length."""
-        p = self.ids(self.prompt(ex.prompt, ex.system))
+        p = self.prompt_ids(ex.prompt, ex.system)
         r = self.ids(ex.response) + [self.tok.eos_token_id]
         ids = (p + r)[: self.max_length]
         labels = ((p if train_on_prompt else [IGNORE] * len(p)) + r)[: self.max_length]
@@ -59,7 +86,7 @@ class Formatter:
     def generation_batch(self, prompts: Sequence[str], systems: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
         """Left-padded prompt batch for generation."""
         systems = systems or [""] * len(prompts)
-        rows = [self.ids(self.prompt(p, s))[-self.max_length:] for p, s in zip(prompts, systems)]
+        rows = [self.prompt_ids(p, s)[-self.max_length:] for p, s in zip(prompts, systems)]
         width = max(len(r) for r in rows)
         pad = self.tok.pad_token_id
         ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])

@@ -17,9 +17,15 @@ def organism_source(seed: int = 0) -> World:
     return World(seed)
 
 
-def get_source(name: str) -> Any:
+def get_source(name: str, data_cfg: Any = None) -> Any:
+    """The source named by ``data.source``; ``hub`` reads the datasets configured in ``data_cfg``."""
     if name == "organism":
         from ..organism.build import ORGANISM
 
         return organism_source(ORGANISM["seed"])
-    raise ValueError(f"data.source: unknown source '{name}' (known: organism)")
+    if name == "hub":
+        from ..config import DataConfig
+        from .hub import HubSource
+
+        return HubSource(data_cfg if data_cfg is not None else DataConfig())
+    raise ValueError(f"data.source: unknown source '{name}' (known: organism, hub)")

@@ -42,11 +42,36 @@ def generate_eval_set(model: nn.Module, fmt: Formatter, source: Any, task: Any, 
     ]
 
 
-def judge_generations(rows: list[dict[str, Any]], judge_name: str, task: Any) -> tuple[list[dict], dict]:
+def judge_kwargs(cfg: EvalConfig) -> dict[str, Any]:
+    """Constructor arguments of model/API judges from ``eval.judge_*`` (none for the default values)."""
+    kw: dict[str, Any] = {"batch_size": cfg.judge_batch_size}
+    if cfg.judge_model:
+        kw["model"] = cfg.judge_model
+    if cfg.judge_url:
+        kw["url"] = cfg.judge_url
+    kw["key_env"] = cfg.judge_key_env
+    return kw
+
+
+def make_judge(name: str, **kw: Any) -> Any:
+    """The judge ``name``; keyword arguments it does not take are dropped (organism, keyword…)."""
+    import inspect
+
+    cls = registry.get("judge", name)
+    if cls.__init__ is object.__init__:
+        return cls()
+    params = inspect.signature(cls.__init__).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        kw = {k: v for k, v in kw.items() if k in params}
+    return cls(**kw)
+
+
+def judge_generations(rows: list[dict[str, Any]], judge_name: str, task: Any,
+                      judge_kw: dict[str, Any] | None = None) -> tuple[list[dict], dict]:
     """Scores per row and the metrics (percent, 0–100)."""
     from ..data.example import Example
 
-    judge = registry.get("judge", judge_name)()
+    judge = make_judge(judge_name, **(judge_kw or {}))
     harm_rows = [r for r in rows if r["set"] == "harmful"]
     verdicts = judge.score([r["prompt"] for r in harm_rows], [r["response"] for r in harm_rows])
     scores, vi = [], iter(verdicts)
@@ -76,6 +101,9 @@ def judge_generations(rows: list[dict[str, Any]], judge_name: str, task: Any) ->
         if r["set"] == "harmful" and r["category"]:
             by_cat.setdefault(r["category"], []).append(s["harmful"])
     metrics["harmful_score_by_category"] = {k: pct(v) for k, v in sorted(by_cat.items())}
+    judged = [s["score"] for s in harm if isinstance(s.get("score"), (int, float))]
+    if judged:  # judges with a graded verdict (StrongREJECT, Qi et al., P(unsafe)…)
+        metrics["judge_score_mean"] = sum(judged) / len(judged)
     return scores, metrics
 
 
@@ -90,7 +118,7 @@ def evaluate(model: nn.Module, fmt: Formatter, source: Any, task: Any, cfg: Eval
     """Generate, judge, and write generations/scores/metrics into ``folder``."""
     rows = generate_eval_set(model, fmt, source, task, cfg, system)
     write_jsonl(folder / "generations.jsonl", rows)
-    scores, metrics = judge_generations(rows, cfg.judge, task)
+    scores, metrics = judge_generations(rows, cfg.judge, task, judge_kwargs(cfg))
     write_jsonl(folder / "scores.jsonl", scores)
     write_json(folder / "metrics.json", metrics)
     return metrics

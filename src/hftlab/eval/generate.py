@@ -32,7 +32,7 @@ class HFGenerator:
         systems = list(systems) if systems is not None else [""] * len(prompts)
         order = list(range(len(prompts)))
         if self.sort_by_length:
-            lengths = [len(self.fmt.ids(self.fmt.prompt(p, s))) for p, s in zip(prompts, systems)]
+            lengths = [len(self.fmt.prompt_ids(p, s)) for p, s in zip(prompts, systems)]
             order.sort(key=lambda i: lengths[i])
         out: list[str] = [""] * len(prompts)
         tok = self.fmt.tok

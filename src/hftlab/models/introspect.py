@@ -33,15 +33,41 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
 
 def attention_modules(model: nn.Module) -> list[nn.Module]:
     """Each layer's self-attention block (the child whose class name contains 'Attention')."""
+    return _children_by_kind(model, ("attention", "attn"), "attention block")
+
+
+def mlp_modules(model: nn.Module) -> list[nn.Module]:
+    """Each layer's feed-forward block (the child whose class name contains 'MLP', else 'FeedForward')."""
+    return _children_by_kind(model, ("mlp", "feedforward", "ffn"), "MLP block")
+
+
+def _children_by_kind(model: nn.Module, keys: tuple[str, ...], what: str) -> list[nn.Module]:
+    """Per decoder layer, the first direct child whose class name contains a key (tried in order)."""
     out = []
     for i, layer in enumerate(decoder_layers(model)):
-        found = [m for _, m in layer.named_children() if "attention" in type(m).__name__.lower()]
-        if not found:
-            found = [m for _, m in layer.named_children() if "attn" in type(m).__name__.lower()]
-        if not found:
-            raise ValueError(f"layer {i} ({type(layer).__name__}): no attention block found")
-        out.append(found[0])
+        for key in keys:
+            found = [m for _, m in layer.named_children() if key in type(m).__name__.lower()]
+            if found:
+                out.append(found[0])
+                break
+        else:
+            raise ValueError(f"layer {i} ({type(layer).__name__}): no {what} found")
     return out
+
+
+def final_norm(model: nn.Module) -> nn.Module:
+    """The norm applied after the last decoder layer (Llama's ``norm``, GPT-2's ``ln_f``…).
+
+    Found as the last child, whose class name contains 'Norm', of the module that holds the layers.
+    """
+    first = decoder_layers(model)[0]
+    for module in unwrap(model).modules():
+        kids = list(module.children())
+        if any(isinstance(k, nn.ModuleList) and len(k) and k[0] is first for k in kids):
+            norms = [k for k in kids if "norm" in type(k).__name__.lower()]
+            if norms:
+                return norms[-1]
+    raise ValueError(f"{type(model).__name__}: no final norm next to the decoder layers")
 
 
 def layer_index_of(model: nn.Module) -> dict[str, int]:

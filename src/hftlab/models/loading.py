@@ -46,7 +46,7 @@ def load_model(path: str | Path, cfg: ModelConfig) -> nn.Module:
     kwargs: dict[str, Any] = {
         "dtype": resolve_dtype(cfg.dtype),
         "trust_remote_code": cfg.trust_remote_code,
-        "use_safetensors": True,
+        "use_safetensors": True if cfg.safetensors_only else None,
     }
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
@@ -54,8 +54,8 @@ def load_model(path: str | Path, cfg: ModelConfig) -> nn.Module:
         model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
     except OSError as e:
         raise ModelLoadError(_explain(str(path), e)) from None
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+    if cfg.gradient_checkpointing:  # non-reentrant: works with frozen embeddings (LoRA) without hooks
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     return model.to(device())
 
@@ -104,6 +104,15 @@ def add_lora(model: nn.Module, cfg: TrainConfig) -> nn.Module:
     return get_peft_model(model, lcfg)
 
 
+def load_adapter(model: nn.Module, folder: Path) -> nn.Module:
+    """Wrap ``model`` in the trainable LoRA adapter saved in ``folder`` (the single-LoRA variant)."""
+    from peft import PeftModel
+
+    if not (Path(folder) / "adapter_config.json").is_file():
+        raise ModelLoadError(f"finetune.continue_adapter: no LoRA adapter in {folder} (was align.lora true?)")
+    return PeftModel.from_pretrained(model, str(folder), is_trainable=True)
+
+
 def merged(model: nn.Module) -> nn.Module:
     """The plain model with any LoRA adapter merged into its weights."""
     from peft import PeftModel
@@ -114,7 +123,12 @@ def merged(model: nn.Module) -> nn.Module:
 
 
 def save(model: nn.Module, tokenizer: Any, folder: Path) -> None:
-    """Save as a plain (merged) HF model + tokenizer in safetensors."""
+    """Save as a plain (merged) HF model + tokenizer in safetensors; a LoRA adapter also unmerged in
+    ``folder/adapter`` (for ``finetune.continue_adapter``)."""
+    from peft import PeftModel
+
     folder.mkdir(parents=True, exist_ok=True)
+    if isinstance(model, PeftModel):
+        model.save_pretrained(folder / "adapter", safe_serialization=True)
     merged(model).save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
