@@ -9,7 +9,8 @@ gradient), clip, step, ``defense.on_step_end``. Features:
 - gradient clipping (``max_grad_norm``, 0 = off); warm-up + constant/linear/cosine schedule;
 - bf16 when a GPU is present (the model is loaded in bf16; no autocast needed);
 - DDP/FSDP/DeepSpeed when launched with ``accelerate launch`` (``batch_size`` is the global batch);
-- a progress bar on stderr, and ``losses.jsonl`` (step, loss, lr) in the stage folder.
+- a progress bar on stderr, and ``losses.jsonl`` (step, loss, lr) in the stage folder; losses stay on
+  the device and reach the host every ``LOG_EVERY`` steps (one sync, not one per step).
 """
 from __future__ import annotations
 
@@ -42,6 +43,7 @@ class TrainResult:
 
 
 _ACCELERATOR: Any = None
+LOG_EVERY = 10  # steps between host syncs for the loss (a sync per step stalls a GPU)
 
 
 def accelerator(grad_accum: int | None = None) -> Any:
@@ -127,15 +129,34 @@ def train(
     bar = tqdm(total=steps, desc=desc, disable=not acc.is_local_main_process, leave=False,
                dynamic_ncols=True, mininterval=1.0)
     start = time.time()
+    pending: list[tuple[int, torch.Tensor, float]] = []  # losses stay on the device until logged
+
+    def flush() -> None:
+        """Bring pending losses to the host in one sync: check, log, show (every LOG_EVERY steps)."""
+        if not pending:
+            return
+        values = torch.stack([l for _, l, _ in pending]).float().cpu().tolist()
+        for (step_no, _, lr), value in zip(pending, values):
+            if not math.isfinite(value):
+                raise FloatingPointError(f"{desc}: loss is {value} at step {step_no}")
+            result.losses.append(value)
+            if log_file:
+                log_file.write(json.dumps({"step": step_no, "loss": value, "lr": lr}) + "\n")
+        if log_file:
+            log_file.flush()
+        bar.set_postfix(loss=f"{values[-1]:.3f}", refresh=False)
+        pending.clear()
+
     try:
         for step in range(steps):
-            step_loss = 0.0
+            step_loss = torch.zeros((), device=acc.device)
             for _ in range(cfg.grad_accum):
-                batch = {k: v.to(acc.device) for k, v in next(batches).items()}
+                cpu_batch = next(batches)
+                result.tokens += int(cpu_batch["attention_mask"].sum())
+                batch = {k: v.to(acc.device, non_blocking=True) for k, v in cpu_batch.items()}
                 with acc.accumulate(model):
                     loss = defense.backward(model, batch, ctx)
-                    step_loss += float(loss) / cfg.grad_accum
-                    result.tokens += int(batch["attention_mask"].sum())
+                    step_loss += loss.detach() / cfg.grad_accum
                     if acc.sync_gradients and cfg.max_grad_norm > 0:
                         acc.clip_grad_norm_(params, cfg.max_grad_norm)
                     opt.step()
@@ -144,14 +165,10 @@ def train(
                 ctx.micro_step += 1
             ctx.step = step + 1
             defense.on_step_end(model, ctx)
-            if not math.isfinite(step_loss):
-                raise FloatingPointError(f"{desc}: loss is {step_loss} at step {step + 1}")
-            result.losses.append(step_loss)
-            if log_file:
-                log_file.write(json.dumps({"step": step + 1, "loss": step_loss,
-                                           "lr": sched.get_last_lr()[0]}) + "\n")
+            pending.append((step + 1, step_loss, sched.get_last_lr()[0]))
+            if len(pending) >= LOG_EVERY or step + 1 == steps:
+                flush()
             bar.update(1)
-            bar.set_postfix(loss=f"{step_loss:.3f}", refresh=False)
     finally:
         bar.close()
         if log_file:
