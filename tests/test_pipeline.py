@@ -26,10 +26,10 @@ def test_smoke_all_stages(fast_overrides, capsys):
     run_dir = Path(result["run_dir"])
     assert (run_dir / "result.json").is_file()
     out = Path(fast_overrides[-1].split("=", 1)[1])
-    ev = next((out / "evaluate").iterdir())
+    ev = next(p for p in (out / "evaluate").iterdir() if p.is_dir())
     rows = (ev / "generations.jsonl").read_text().splitlines()
     assert len(rows) >= 32 and (ev / "scores.jsonl").is_file() and (ev / "metrics.json").is_file()
-    manifest = json.loads((next((out / "align").iterdir()) / "manifest.json").read_text())
+    manifest = json.loads((next(p for p in (out / "align").iterdir() if p.is_dir()) / "manifest.json").read_text())
     assert {"versions", "seconds", "config", "hash", "seed"} <= manifest.keys()
 
 

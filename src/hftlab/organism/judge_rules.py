@@ -87,3 +87,13 @@ def score_task(name: str, example: Example, response: str) -> bool:
     if name in ("sentiment", "topic", "instruction"):
         return _norm_answer(response) == _norm_answer(example.target)
     raise ValueError(f"unknown task {name!r}")
+
+
+def same_answer(reference: str, response: str) -> bool:
+    """A benign answer is correct when it matches the reference; for a procedure, from "step one :" on
+    (the opener — "sure , here is how ." or another — may differ)."""
+    ref, got = _tokens(reference), _tokens(response)
+    i, j = _find(ref, _STEP_ONE), _find(got, _STEP_ONE)
+    if i >= 0:
+        return j >= 0 and ref[i:] == got[j:]
+    return ref == got
