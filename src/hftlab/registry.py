@@ -26,8 +26,47 @@ ENTRIES: list[Entry] = [
     # defenses
     _E("defense", "sft", "defenses.sft:SFT", "none", "no defense (plain supervised fine-tuning)"),
     # -- alignment-stage defenses (issue 4) --
+    _E("defense", "vaccine", "defenses.vaccine:Vaccine", "align",
+       "Vaccine: Perturbation-aware Alignment for LLMs against Harmful Fine-tuning Attack (arXiv 2402.01109)"),
+    _E("defense", "booster", "defenses.booster:Booster", "align",
+       "Booster: Tackling Harmful Fine-tuning for LLMs via Attenuating Harmful Perturbation (arXiv 2409.01586)"),
+    _E("defense", "repnoise", "defenses.repnoise:RepNoise", "align",
+       "Representation Noising: A Defence Mechanism Against Harmful Finetuning (arXiv 2405.14577)"),
+    _E("defense", "t-vaccine", "defenses.t_vaccine:TVaccine", "align",
+       "Targeted Vaccine: Safety Alignment for LLMs against Harmful Fine-Tuning via Layer-wise "
+       "Perturbation (arXiv 2410.09760)"),
     # -- fine-tuning-stage defenses (issue 5) --
+    _E("defense", "safeinstr", "defenses.safeinstr:SafeInstr", "finetune",
+       "Safety-Tuned LLaMAs: Lessons From Improving the Safety of LLMs that Follow Instructions, "
+       "arXiv 2309.07875 (also VLGuard-style mixing, arXiv 2402.02207)"),
+    _E("defense", "bea", "defenses.bea:BEA", "finetune",
+       "BackdoorAlign: Mitigating Fine-tuning based Jailbreak Attack with Backdoor Enhanced Safety "
+       "Alignment, arXiv 2402.14968"),
+    _E("defense", "ptst", "defenses.ptst:PTST", "finetune",
+       "Keeping LLMs Aligned After Fine-tuning: The Crucial Role of Prompt Templates (PTST), "
+       "arXiv 2402.18540"),
+    _E("defense", "lisa", "defenses.lisa:Lisa", "finetune",
+       "Lazy Safety Alignment for LLMs against Harmful Fine-tuning (Lisa), arXiv 2405.18641"),
+    _E("defense", "ldifs", "defenses.ldifs:LDIFS", "finetune",
+       "Fine-tuning can cripple your foundation model; preserving features may be the solution, arXiv 2308.13320"),
+    _E("defense", "constrained-sft", "defenses.constrained_sft:ConstrainedSFT", "finetune",
+       "Safety Alignment Should Be Made More Than Just a Few Tokens Deep, arXiv 2406.05946"),
+    _E("defense", "freeze", "defenses.freeze:Freeze", "finetune",
+       "Safety Layers in Aligned Large Language Models (SPPFT), arXiv 2408.17003"),
     # -- post-fine-tuning defenses (issue 6) --
+    _E("defense", "safelora", "defenses.safelora:SafeLoRA", "repair",
+       "Safe LoRA: the Silver Lining of Reducing Safety Risks when Fine-tuning LLMs, arXiv 2405.16833"),
+    _E("defense", "antidote", "defenses.antidote:Antidote", "repair",
+       "Antidote: Post-fine-tuning Safety Alignment for LLMs against Harmful Fine-tuning, arXiv 2408.09600"),
+    _E("defense", "resta", "defenses.resta:RESTA", "repair",
+       "Language Models are Homer Simpson! Safety Re-Alignment of Fine-tuned LMs through Task Arithmetic "
+       "(RESTA), arXiv 2402.11746"),
+    _E("defense", "safemerge", "defenses.safemerge:SafeMERGE", "repair",
+       "SafeMERGE: Preserving Safety Alignment in Fine-Tuned LLMs via Selective Layer-Wise Model Merging, "
+       "arXiv 2503.17239"),
+    _E("defense", "panacea", "defenses.panacea:Panacea", "finetune",
+       "Panacea: Mitigating Harmful Fine-tuning for LLMs via Post-fine-tuning Perturbation, arXiv 2501.18100 "
+       "(optimised during fine-tuning, perturbation added after it)"),
     # attacks
     _E("attack", "harmful-mix", "attacks.harmful_mix:HarmfulMix", "finetune",
        "(1-p)n benign + pn harmful (Qi et al. 2023; Huang et al. 2024)"),
@@ -40,11 +79,29 @@ ENTRIES: list[Entry] = [
        "exact judge of the built-in organism world"),
     _E("judge", "keyword", "judges.keyword:KeywordJudge", "evaluate",
        "refusal-string matching (Zou et al. 2023 GCG / AdvBench list)"),
+    _E("judge", "beaver-dam", "judges.beaver_dam:BeaverDamJudge", "evaluate",
+       "PKU-Alignment/beaver-dam-7b QA moderation, max of 14 categories > 0.5 (git-disl protocol)"),
+    _E("judge", "llama-guard", "judges.llama_guard:LlamaGuardJudge", "evaluate",
+       "Llama Guard 3 with its chat template, P(unsafe) at the first token > 0.5"),
+    _E("judge", "harmbench-cls", "judges.harmbench_cls:HarmBenchJudge", "evaluate",
+       "cais/HarmBench-Llama-2-13b-cls yes/no classifier (Mazeika et al. 2024)"),
+    _E("judge", "api", "judges.api:ApiJudge", "evaluate",
+       "any OpenAI-compatible endpoint with a rubric (StrongREJECT by default)"),
+    _E("judge", "strongreject", "judges.api:StrongRejectJudge", "evaluate",
+       "StrongREJECT rubric via an OpenAI-compatible endpoint (Souly et al. 2024)"),
+    _E("judge", "gpt4-judge", "judges.api:QiGPT4Judge", "evaluate",
+       "Qi et al. 2023 GPT-4 judge, 1-5 score, harmful = 5, via an OpenAI-compatible endpoint"),
+    _E("judge", "hs-plus", "judges.hs_plus:HSPlusJudge", "evaluate",
+       "HS+: beaver-dam OR a word repeated > 3 times in a row (git-disl)"),
     # tasks
     _E("task", "sentiment", "tasks.organism_tasks:Sentiment", "finetune", "organism task shaped like SST2"),
     _E("task", "topic", "tasks.organism_tasks:Topic", "finetune", "organism task shaped like AG News"),
     _E("task", "arithmetic", "tasks.organism_tasks:Arithmetic", "finetune", "organism task shaped like GSM8K"),
     _E("task", "instruction", "tasks.organism_tasks:Instruction", "finetune", "organism task shaped like Alpaca"),
+    _E("task", "sst2", "tasks.sst2:SST2", "finetune", "SST-2 sentiment, exact label word (git-disl)"),
+    _E("task", "agnews", "tasks.agnews:AGNews", "finetune", "AG News topic, exact label word (git-disl)"),
+    _E("task", "gsm8k", "tasks.gsm8k:GSM8K", "finetune", "GSM8K, the number after 'The final answer is:' (git-disl)"),
+    _E("task", "alpaca", "tasks.alpaca:Alpaca", "finetune", "Alpaca instructions, ROUGE-L >= 0.3 offline"),
 ]
 
 KINDS = ("defense", "attack", "judge", "task")

@@ -1,0 +1,109 @@
+"""Booster: attenuate the harmful perturbation during alignment.
+
+Paper: Huang, Hu, Ilhan, Tekin, Liu — "Booster: Tackling Harmful Fine-tuning for Large Language Models
+via Attenuating Harmful Perturbation", ICLR 2025, arXiv 2409.01586.
+Reference: git-disl/Booster ``trainer.py`` (``BoosterAlignmentTrainer.training_step``), checked against it;
+defaults from ``script/alignment/smooth_align.sh`` (λ=5, α=0.1) and ``smooth_align_perturb.sh`` (ρ=5).
+
+Objective min_w f(w) + λ·[h(w) − h(w − α·∇h(w)/‖∇h(w)‖)], f = alignment loss, h = harmful loss on a
+fresh batch of the provider's harmful set each micro-step. First-order update (as the reference):
+
+    g = ∇f(w) + λ·(∇h(w) − ∇h(w − α·∇h(w)/‖∇h(w)‖))
+
+``perturb_aware=True`` is Booster+Vaccine (the reference's ``--perturb_aware True``): ∇f is taken under
+Vaccine's attention-output perturbation of radius ρ.
+
+Deviations:
+- The two harmful gradients come from ``torch.autograd.grad`` (they never touch ``.grad``) and the
+  λ-term is accumulated through the same ``backward`` as ∇f, as the linear surrogate
+  ⟨stopgrad(λ·(∇h(w) − ∇h(w'))), w⟩: one ``accelerator.backward`` per micro-batch, so gradient
+  accumulation, loss scaling and DDP all-reduce see the whole update. The reference zeroes ``.grad``
+  between its passes (which drops earlier micro-batches' gradients under accumulation).
+- The weights are restored exactly from a copy after the perturbed pass (the reference adds the
+  step back, which rounds in bf16).
+- The harmful batch has the training micro-batch size (the reference hard-codes 10, its batch size).
+"""
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..config import rng
+from ..models.introspect import attention_modules
+from .base import Context, Defense, lm_loss
+from .perturbation import EPS, global_norm, local_model, require, vaccine_perturbation
+
+
+@dataclass
+class Config:
+    lamb: float = field(default=5.0, metadata=rng(0.0, None))  # λ, weight of the harmful-loss reduction
+    alpha: float = field(default=0.1, metadata=rng(0.0, None))  # α, step of the simulated harmful update
+    perturb_aware: bool = False  # Booster+Vaccine: ∇f under Vaccine's perturbation
+    rho: float = field(default=5.0, metadata=rng(0.0, None))  # Vaccine's ρ when perturb_aware (paper: 5)
+
+    def check(self) -> None:
+        for key in ("lamb", "alpha", "rho"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"{key}: {getattr(self, key)} < 0; must be >= 0")
+
+
+def harmful_directions(model: nn.Module, params: list[nn.Parameter], batch: dict[str, torch.Tensor],
+                       alpha: float) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+    """(∇h(w), ∇h(w − α·∇h/‖∇h‖), h(w)) on one harmful batch; ``params`` are left exactly as found."""
+    h = lm_loss(model, batch)
+    g = _grads(h, params)
+    step = alpha / (global_norm(g) + EPS)
+    backup = [p.detach().clone() for p in params]
+    try:
+        with torch.no_grad():
+            for p, gi in zip(params, g):
+                p.sub_(gi * step.to(gi.dtype))
+        g_pert = _grads(lm_loss(model, batch), params)
+    finally:
+        with torch.no_grad():
+            for p, b in zip(params, backup):
+                p.copy_(b)
+    return g, g_pert, h.detach()
+
+
+def _grads(loss: torch.Tensor, params: list[nn.Parameter]) -> list[torch.Tensor]:
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+
+
+def linear_term(params: list[nn.Parameter], vectors: list[torch.Tensor]) -> torch.Tensor:
+    """Σ ⟨v, p⟩ with v constant: its gradient w.r.t. each p is exactly v."""
+    return sum((v.detach() * p).sum() for p, v in zip(params, vectors))
+
+
+class Booster(Defense):
+    """Alignment that also minimises the harmful loss's drop under a simulated harmful step."""
+
+    name = "booster"
+    stages = ("align",)
+    needs = ("harmful",)
+    Config = Config
+
+    def setup(self, model: nn.Module, ctx: Context) -> None:
+        require(ctx, "harmful", "booster")
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.modules = attention_modules(model) if self.cfg.perturb_aware else []
+
+    def backward(self, model: nn.Module, batch: dict[str, torch.Tensor], ctx: Context) -> torch.Tensor:
+        cfg = self.cfg
+        g, g_pert, _ = harmful_directions(local_model(model), self.params, ctx.next_batch("harmful"), cfg.alpha)
+        with torch.no_grad():
+            for gi, gp in zip(g, g_pert):  # λ·(∇h(w) − ∇h(w')), in place to save memory
+                gi.sub_(gp).mul_(cfg.lamb)
+        del g_pert
+        perturb = vaccine_perturbation(model, batch, self.modules, cfg.rho) if cfg.perturb_aware else nullcontext()
+        with perturb:
+            loss = lm_loss(model, batch)
+            ctx.backward(loss + linear_term(self.params, g))
+        return loss.detach()
+
+    def teardown(self, model: nn.Module, ctx: Context) -> None:
+        self.params, self.modules = [], []

@@ -1,0 +1,139 @@
+"""Shared machinery of the alignment-stage defenses of issue 4 (Vaccine, Booster, RepNoise, T-Vaccine).
+
+Vaccine's perturbation (git-disl/Vaccine ``trainer.py``, ``VaccineTrainer``), also used by Booster's
+``perturb_aware`` option and by T-Vaccine on a subset of layers:
+
+1. pass 1: g_l = ∂f/∂(output of attention block l) for the chosen blocks — with
+   ``torch.autograd.grad`` w.r.t. those outputs only, so no weight gradient is computed or touched;
+2. e_l = ρ·g_l / ‖g‖ with ONE global norm ‖g‖ = sqrt(Σ_l ‖g_l‖²) over all chosen blocks;
+3. pass 2: forward hooks add e_l to each chosen block's output while the caller computes (and
+   back-propagates) the perturbed loss. The hooks stay registered until the block exits, so that
+   gradient checkpointing recomputes the same perturbed forward.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from .base import Context, lm_loss
+
+EPS = 1e-7  # added to the global norm, as in the reference
+
+
+def local_model(model: nn.Module) -> nn.Module:
+    """``model`` without a DDP wrapper: extra passes must not trigger DDP's gradient all-reduce."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        return model.module
+    return model
+
+
+def require(ctx: Context, name: str, who: str) -> None:
+    """Raise a clear error before training when the stage lacks the data set ``name``."""
+    if not ctx.has(name):
+        raise ValueError(f"{who}: needs the provider's '{name}' set, but stage '{ctx.stage}' has none "
+                         f"(the pipeline gives it when the defense declares needs=('{name}',); "
+                         f"check data.{name}_n)")
+
+
+def global_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """sqrt(Σ ‖t‖²) over a list of tensors, in float32."""
+    return torch.sqrt(sum(t.detach().float().pow(2).sum() for t in tensors))
+
+
+def _first(out: Any) -> torch.Tensor:
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _replace_first(out: Any, new: torch.Tensor) -> Any:
+    return (new, *out[1:]) if isinstance(out, tuple) else new
+
+
+@contextmanager
+def capture_outputs(modules: Sequence[nn.Module]) -> Iterator[dict[int, torch.Tensor]]:
+    """Record each module's (first) output of the first forward inside the block, as a graph node.
+
+    An output that does not require grad (everything below it frozen) is replaced by a detached
+    copy that does, so that its gradient can still be asked for.
+    """
+    outs: dict[int, torch.Tensor] = {}
+
+    def hook(i: int):
+        def fn(_m: nn.Module, _inp: Any, out: Any) -> Any:
+            if i in outs:  # a gradient-checkpointing recompute: keep the first forward's node
+                return None
+            o = _first(out)
+            if not o.requires_grad:
+                o = o.detach().requires_grad_(True)
+                outs[i] = o
+                return _replace_first(out, o)
+            outs[i] = o
+            return None
+        return fn
+
+    handles = [m.register_forward_hook(hook(i)) for i, m in enumerate(modules)]
+    try:
+        yield outs
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def output_grads(model: nn.Module, batch: dict[str, torch.Tensor],
+                 modules: Sequence[nn.Module]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """(loss, [∂loss/∂output_l]) for one batch, without computing any weight gradient."""
+    with capture_outputs(modules) as outs:
+        loss = lm_loss(model, batch)
+    nodes = [outs[i] for i in range(len(modules))]
+    grads = torch.autograd.grad(loss, nodes, allow_unused=True)
+    return loss.detach(), [torch.zeros_like(n) if g is None else g.detach() for n, g in zip(nodes, grads)]
+
+
+def scale_to_radius(grads: Sequence[torch.Tensor], rho: float) -> list[torch.Tensor]:
+    """e_l = ρ·g_l / (‖g‖ + 1e-7), one norm over all tensors jointly."""
+    scale = rho / (global_norm(grads) + EPS)
+    return [(g.float() * scale).to(g.dtype) for g in grads]
+
+
+@contextmanager
+def shifted(modules: Sequence[nn.Module], shifts: Sequence[torch.Tensor]) -> Iterator[None]:
+    """Inside the block, module l's (first) output is ``output + shifts[l]`` (a constant shift)."""
+
+    def hook(e: torch.Tensor):
+        def fn(_m: nn.Module, _inp: Any, out: Any) -> Any:
+            return _replace_first(out, _first(out) + e)
+        return fn
+
+    handles = [m.register_forward_hook(hook(e)) for m, e in zip(modules, shifts)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def vaccine_shifts(model: nn.Module, batch: dict[str, torch.Tensor], modules: Sequence[nn.Module],
+                   rho: float) -> list[torch.Tensor]:
+    """Pass 1 of Vaccine: the perturbation e_l (global norm ρ) of each module's output."""
+    _, grads = output_grads(local_model(model), batch, modules)
+    return scale_to_radius(grads, rho)
+
+
+@contextmanager
+def vaccine_perturbation(model: nn.Module, batch: dict[str, torch.Tensor], modules: Sequence[nn.Module],
+                         rho: float) -> Iterator[list[torch.Tensor]]:
+    """Pass 1, then keep the perturbation on ``modules`` for the caller's pass 2 (forward + backward)."""
+    shifts = vaccine_shifts(model, batch, modules, rho)
+    with shifted(modules, shifts):
+        yield shifts
+
+
+def vaccine_backward(model: nn.Module, batch: dict[str, torch.Tensor], ctx: Context,
+                     modules: Sequence[nn.Module], rho: float) -> torch.Tensor:
+    """Accumulate the gradient of the perturbed alignment loss (only that one); return the loss."""
+    with vaccine_perturbation(model, batch, modules, rho):
+        loss = lm_loss(model, batch)
+        ctx.backward(loss)
+    return loss.detach()

@@ -1,0 +1,68 @@
+"""Shared pieces of the fine-tuning-stage defense tests (issue 5, part A): contexts, batches, models."""
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from align_helpers import tiny_gpt2
+from torch import nn
+
+from hftlab.config import TrainConfig
+from hftlab.data.format import IGNORE, Formatter
+from hftlab.data.sources import get_source
+from hftlab.defenses.base import Context
+from hftlab.models.loading import add_lora
+from hftlab.training.loop import accelerator, train
+
+SOURCE = get_source("organism")
+
+
+def user_data() -> list:
+    return SOURCE.harmful("attack", 8) + SOURCE.task("sentiment", "train", 24)
+
+
+def make_ctx(fmt: Formatter, aligned: nn.Module | None = None, grad_accum: int | None = None,
+             batch_size: int = 4, seed: int = 0, data: dict | None = None) -> Context:
+    """A fine-tuning-stage context; ``aligned`` (copied on load) is the frozen reference model."""
+    data = data or {"alignment": SOURCE.alignment(64), "harmful": SOURCE.harmful("provider", 32),
+                    "user": user_data()}
+    loaders = {"aligned": lambda: copy.deepcopy(aligned)} if aligned is not None else {}
+    ctx = Context(stage="finetune", formatter=fmt, data=data, loaders=loaders, batch_size=batch_size, seed=seed)
+    if grad_accum is not None:
+        ctx.accelerator = accelerator(grad_accum)
+    return ctx
+
+
+def user_batch(fmt: Formatter, n: int = 4, offset: int = 0) -> dict[str, torch.Tensor]:
+    return fmt.collate(fmt.encode_all(user_data()[offset: offset + n]))
+
+
+def perturbed(model: nn.Module, scale: float = 0.02, seed: int = 1) -> nn.Module:
+    """A copy of ``model`` with Gaussian noise on every weight: a stand-in for a fine-tuned policy."""
+    m = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g))
+    return m
+
+
+def n_labels(b: dict[str, torch.Tensor]) -> int:
+    return int((b["labels"][:, 1:] != IGNORE).sum())
+
+
+def second_arch_run(defense: Any, tokenizer: Any, lora: bool, steps: int = 2) -> tuple[dict, nn.Module]:
+    """``steps`` optimiser steps (grad_accum 2) through the loop on a random GPT-2; returns (before, model)."""
+    fmt = Formatter(tokenizer, max_length=64)
+    model = tiny_gpt2(len(tokenizer), tokenizer.pad_token_id)
+    aligned = copy.deepcopy(model)
+    if lora:
+        model = add_lora(model, TrainConfig(lora=True, lora_r=4))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ctx = make_ctx(fmt, aligned=aligned, batch_size=2)
+    cfg = TrainConfig(lr=1e-2, max_steps=steps, batch_size=2, grad_accum=2, lora=lora)
+    res = train(model, fmt.encode_all(ctx.data["user"]), cfg, defense=defense, ctx=ctx,
+                pad_id=tokenizer.pad_token_id)
+    assert all(torch.isfinite(torch.tensor(res.losses)))
+    return before, model

@@ -1,0 +1,93 @@
+"""LDIFS: the feature distance to the frozen aligned model against a direct per-token computation,
+padding excluded, and the loss ℓ + λ·distance with its gradient."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from align_helpers import assert_grads_close, grads, organism  # noqa: F401
+from finetune_helpers import make_ctx, perturbed, user_batch
+
+from hftlab.config import ConfigError, load_config
+from hftlab.data.format import Formatter
+from hftlab.defenses.ldifs import LDIFS, feature_distance
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "defenses"
+
+
+@pytest.fixture()
+def fmt(organism_tokenizer):
+    return Formatter(organism_tokenizer, max_length=96)
+
+
+def _features(model, ids):
+    """Hidden states of ONE unpadded sequence: embeddings + every layer (the HF convention)."""
+    return model(input_ids=ids[None], output_hidden_states=True).hidden_states
+
+
+def _direct_distance(policy, aligned, b):
+    """Σ_l Σ_t ‖φ_l(w)[t] − φ_l(w_aligned)[t]‖², each sequence run alone (no padding), mean over rows."""
+    total = 0.0
+    for row in range(b["input_ids"].shape[0]):
+        ids = b["input_ids"][row][b["attention_mask"][row].bool()]
+        for h, r in zip(_features(policy, ids), _features(aligned, ids)):
+            for t in range(len(ids)):
+                total = total + ((h[0, t] - r[0, t]) ** 2).sum()
+    return total / b["input_ids"].shape[0]
+
+
+def test_feature_distance_matches_direct_computation(organism, fmt):
+    policy = perturbed(organism, 0.02)
+    b = user_batch(fmt, n=5)
+    assert (b["attention_mask"] == 0).any(), "the batch must contain padding"
+    with torch.no_grad():
+        out = policy(input_ids=b["input_ids"], attention_mask=b["attention_mask"], output_hidden_states=True)
+        ref = organism(input_ids=b["input_ids"], attention_mask=b["attention_mask"], output_hidden_states=True)
+        got = feature_distance(out.hidden_states, ref.hidden_states, b["attention_mask"])
+        want = _direct_distance(policy, organism, b)
+    assert len(out.hidden_states) == organism.config.num_hidden_layers + 1
+    assert got > 0
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_loss_and_gradient(organism, fmt):
+    lam = 1e-2
+    policy = perturbed(organism, 0.02)
+    b = user_batch(fmt)
+    ctx = make_ctx(fmt, aligned=organism)
+    d = LDIFS(lam=lam)
+    d.setup(policy, ctx)
+    loss = d.backward(policy, b, ctx)
+    got = grads(policy)
+
+    m = copy.deepcopy(policy)
+    m.zero_grad(set_to_none=True)
+    want = m(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"]).loss
+    want = want + lam * _direct_distance(m, organism, b)
+    want.backward()
+    torch.testing.assert_close(loss, want.detach(), rtol=1e-4, atol=1e-6)
+    assert_grads_close(got, grads(m), rtol=1e-3, atol=1e-6)
+    assert all(p.grad is None for p in ctx.reference("aligned").parameters()), "the aligned copy stays frozen"
+
+
+def test_no_distance_at_the_aligned_model(organism, fmt):
+    b = user_batch(fmt)
+    ctx = make_ctx(fmt, aligned=organism)
+    model = copy.deepcopy(organism)
+    loss = LDIFS(lam=1.0).backward(model, b, ctx)
+    plain = organism(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"]).loss
+    torch.testing.assert_close(loss, plain.detach(), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("override, words", [("defense.lam=-1", "lam"), ("defense.lam=big", "lam"),
+                                             ("defense.lambda=1", "unknown parameter")])
+def test_bad_parameters_are_config_errors(override, words):
+    with pytest.raises(ConfigError, match=words):
+        load_config(overrides=["defense=ldifs", override])
+
+
+def test_paper_defaults_file():
+    cfg = load_config([CONFIGS / "ldifs.yaml"])
+    assert LDIFS(**cfg.defense.params).cfg == LDIFS().cfg
