@@ -9,7 +9,7 @@ ONE process, on the organism, a fresh LoRA copy of the same model trains on the 
 (harmful-mix, p=0.1, n=1000) after ``prepare_data`` and the stage's system prompt, for the default
 epochs at the default batch, ``--rounds`` times interleaved. The table gives the medians of the seconds
 per optimiser step and of the whole fine-tuning time, their ratios to SFT's, the number of examples,
-steps and trained tokens, and the peak memory above the level before the method started (same probe
+steps and trained tokens (the noise-free part of the cost), and the peak memory above the level before the method started (same probe
 as ``bench.finetune_defenses``). Timings are noisy on a shared CPU: compare ratios of one run only.
 """
 from __future__ import annotations
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> None:
     where = "cuda" if torch.cuda.is_available() else f"cpu, {torch.get_num_threads()} thread(s)"
     print(f"\ndata-level defenses vs SFT: whole fine-tuning stage (LoRA, batch {tcfg.batch_size}, "
           f"{tcfg.epochs:g} epochs, {args.rounds} rounds, {where})")
-    print(f"{'method':<11}{'examples':>9}{'steps':>7}{'tokens':>8}{'s/step':>9}{'x SFT':>7}"
+    print(f"{'method':<11}{'examples':>9}{'steps':>7}{'tokens':>8}{'x SFT':>7}{'s/step':>9}{'x SFT':>7}"
           f"{'total s':>9}{'x SFT':>7}{'peak MB':>9}{'x SFT':>7}")
     for m in methods:
         r = med[m]
@@ -102,7 +102,8 @@ def main(argv: list[str] | None = None) -> None:
         def ratio(k: str) -> float:
             return r[k] / sft[k] if sft and sft[k] > 0 else float("nan")
 
-        print(f"{m:<11}{len(examples[m]):>9}{int(r['steps']):>7}{int(r['tokens']):>8}{r['step']:>9.4f}"
+        print(f"{m:<11}{len(examples[m]):>9}{int(r['steps']):>7}{int(r['tokens']):>8}{ratio('tokens'):>7.2f}"
+              f"{r['step']:>9.4f}"
               f"{ratio('step'):>7.2f}{r['total']:>9.2f}{ratio('total'):>7.2f}{r['mem'] / 2**20:>9.1f}"
               f"{ratio('mem'):>7.2f}")
 

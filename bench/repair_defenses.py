@@ -1,6 +1,7 @@
 """Cost of the post-fine-tuning defenses of issue 6 relative to one fine-tuning run, in one process.
 
-Run: ``python -m bench.repair_defenses [--out-dir runs/issue6 --seed 0 --methods safelora,antidote,...]``.
+Run: ``python -m bench.repair_defenses [--out-dir runs --seed 0 --methods safelora safemerge:threshold=0.6]``
+(``name:key=value:key=value`` sets a method's parameters for its row).
 
 On the organism with the default config: the aligned model comes from the pipeline's align stage (cached
 in ``--out-dir``); then, in this process, one LoRA fine-tuning run of the default attack (harmful-mix,
@@ -8,11 +9,13 @@ p=0.1, n=1000, SST2-like task) is timed, and its merged model is what every repa
 is its whole stage work: loading the fine-tuned model, the aligned/base references it asks for, its data,
 and ``repair`` itself (saving excluded). Panacea acts in fine-tuning, so its row is its own fine-tuning
 run. Peak memory is measured above the process's level before each phase (CUDA: max allocated; CPU:
-sampled RSS, see ``bench.finetune_defenses.PeakMemory``).
+sampled RSS, see ``bench.finetune_defenses.PeakMemory``), after a short unmeasured warm-up fine-tuning
+so that the first phase does not pay the allocator's one-off growth alone.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
 import os
 import tempfile
@@ -21,6 +24,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+import yaml
 
 from bench.finetune_defenses import PeakMemory
 from hftlab import registry
@@ -43,9 +47,10 @@ def measure(work: Callable[[], Any]) -> tuple[float, int, Any]:
     return wall, mem.delta, out
 
 
-def finetune(p: Pipeline, aligned: Path, defense: Any = None) -> torch.nn.Module:
+def finetune(p: Pipeline, aligned: Path, defense: Any = None, steps: int = 0) -> torch.nn.Module:
     """One fine-tuning run of the configured attack from the aligned model (as the pipeline's stage)."""
-    cfg = p.cfg
+    cfg = copy.deepcopy(p.cfg)
+    cfg.finetune.max_steps = steps or cfg.finetune.max_steps
     data = registry.get("attack", cfg.attack.name)().build(p.source, p.task, cfg.attack)
     fmt = p.formatter(cfg.finetune.max_length)
     ctx = Context(stage="finetune", formatter=fmt, data={**p._needs(defense or registry.get("defense", "sft")(),
@@ -59,10 +64,15 @@ def finetune(p: Pipeline, aligned: Path, defense: Any = None) -> torch.nn.Module
     return model
 
 
-def repair(p: Pipeline, name: str, aligned: Path, finetuned: Path) -> dict[str, Any]:
-    """The repair stage's work for defense ``name`` (as ``Pipeline.repair``, without saving)."""
+def parse_method(text: str) -> tuple[str, dict[str, Any]]:
+    """``name`` or ``name:key=value:key=value`` -> (name, params)."""
+    name, *pairs = text.split(":")
+    return name, {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in pairs)}
+
+
+def repair(p: Pipeline, defense: Any, aligned: Path, finetuned: Path) -> dict[str, Any]:
+    """The repair stage's work for ``defense`` (as ``Pipeline.repair``, without saving)."""
     cfg = p.cfg
-    defense = registry.get("defense", name)()
     ctx = Context(stage="repair", formatter=p.formatter(cfg.finetune.max_length), seed=cfg.seed,
                   data=p._needs(defense, "repair"), batch_size=cfg.finetune.batch_size,
                   loaders={"aligned": lambda: p.load(aligned), "base": lambda: p.load(p.base_path)})
@@ -73,9 +83,9 @@ def repair(p: Pipeline, name: str, aligned: Path, finetuned: Path) -> dict[str, 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out-dir", default="runs/issue6", help="pipeline folder holding the cached align stage")
+    ap.add_argument("--out-dir", default="runs", help="pipeline folder (its align stage is reused when cached)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--methods", nargs="*", default=list(METHODS), metavar="NAME[:KEY=VALUE...]")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     logging.getLogger("hftlab").setLevel(logging.WARNING)
@@ -83,26 +93,28 @@ def main(argv: list[str] | None = None) -> None:
     p = Pipeline(cfg)
     aligned = p.align()
 
+    finetune(p, aligned, steps=5)  # warm-up, not measured
     ft_s, ft_mem, model = measure(lambda: finetune(p, aligned))
     rows = [("fine-tuning (sft)", ft_s, ft_mem, "")]
     with tempfile.TemporaryDirectory() as tmp:
         finetuned = Path(tmp) / "finetuned"
         save(model, p.tokenizer, finetuned)
         del model
-        for name in [m for m in args.methods.split(",") if m]:
-            if "repair" in registry.get("defense", name).stages:
-                s, mem, metrics = measure(lambda: repair(p, name, aligned, finetuned))
-                rows.append((f"repair {name}", s, mem, _short(metrics)))
+        for label in args.methods:
+            name, params = parse_method(label)
+            defense = registry.get("defense", name)(**params)
+            if "repair" in defense.stages:
+                s, mem, metrics = measure(lambda: repair(p, defense, aligned, finetuned))
+                rows.append((f"repair {label}", s, mem, _short(metrics)))
             else:
-                defense = registry.get("defense", name)()
                 s, mem, _ = measure(lambda: finetune(p, aligned, defense))
-                rows.append((f"fine-tuning {name}", s, mem, "whole fine-tuning run"))
+                rows.append((f"fine-tuning {label}", s, mem, "whole fine-tuning run"))
     where = "cuda" if torch.cuda.is_available() else f"cpu, {torch.get_num_threads()} thread(s)"
     lines = [f"post-fine-tuning defenses vs one fine-tuning run (organism, {where}, seed {args.seed})",
-             f"{'phase':<24}{'seconds':>9}{'x FT':>8}{'peak MB':>9}{'x FT':>8}  notes"]
+             f"{'phase':<34}{'seconds':>9}{'x FT':>8}{'peak MB':>9}{'x FT':>8}  notes"]
     for label, s, mem, note in rows:
         mem_ratio = mem / ft_mem if ft_mem > 0 else float("nan")
-        lines.append(f"{label:<24}{s:>9.2f}{s / ft_s:>8.3f}{mem / 2**20:>9.1f}{mem_ratio:>8.2f}  {note}")
+        lines.append(f"{label:<34}{s:>9.2f}{s / ft_s:>8.3f}{mem / 2**20:>9.1f}{mem_ratio:>8.2f}  {note}")
     log.info("\n%s", "\n".join(lines))
 
 

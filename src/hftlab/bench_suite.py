@@ -19,6 +19,7 @@ from typing import Any, Sequence
 
 from . import registry
 from .artifacts import atomic_write_text
+from .config import load_config
 from .report import fmt_num, render, value
 from .sweep import run_sweep
 
@@ -85,11 +86,13 @@ def main_table(results: Sequence[dict[str, Any]], ratios: dict[str, float]) -> t
 
 
 def run_bench(out: Path, seeds: Sequence[int], jobs: int, runs_dir: str, extra: Sequence[str] = (),
-              sweeps: bool = True) -> Path:
-    """Run the suite and write the report folder; returns it."""
+              sweeps: bool = True, defenses: Sequence[str] | None = None) -> Path:
+    """Run the suite (every registered defense, or ``defenses``) and write the report folder."""
     start = time.time()
     fixed = [f"out_dir={runs_dir}", *extra]
-    defenses = registry.names("defense")
+    defenses = list(defenses or registry.names("defense"))
+    if "sft" not in defenses:
+        defenses.insert(0, "sft")
     p1 = ["sft", *[d for d in P1 if d in defenses]]
     seed_axis = f"seed={','.join(map(str, seeds))}"
     main = run_sweep([], [f"defense={','.join(defenses)}", seed_axis], fixed, jobs, desc="main table")
@@ -97,20 +100,19 @@ def run_bench(out: Path, seeds: Sequence[int], jobs: int, runs_dir: str, extra: 
     if sweeps:
         curves = run_sweep([], [f"defense={','.join(p1)}", f"attack.ratio={','.join(map(str, RATIOS))}",
                                 f"seed={seeds[0]}"], fixed, jobs, desc="p-sweep")
-        from .config import load_config
-
         lr = load_config(overrides=list(extra)).finetune.lr
         stress = run_sweep([], [f"defense={','.join(p1)}", f"seed={seeds[0]}"],
                            [*fixed, f"finetune.lr={lr * 10:g}"], jobs, desc="stress 10x lr")
     ratios = overhead(main)
     out.mkdir(parents=True, exist_ok=True)
     header, body = main_table(main, ratios)
-    md = [f"# hftlab bench on the organism\n", f"p = 0.1, n = 1000, seeds {list(seeds)}; "
+    attack = load_config(overrides=list(extra)).attack
+    md = [f"# hftlab bench on the organism\n", f"{attack.name}, p = {attack.ratio}, n = {attack.n}, seeds {list(seeds)}; "
           f"wall time {time.time() - start:.0f} s\n", "## Main table\n", render(header, body)]
     if curves:
         rows = [[d, *(fmt_num([r["harmful_score"] for r in curves if value(r, "defense.name") == d
                                 and value(r, "attack.ratio") == p]) for p in RATIOS)] for d in p1]
-        md += ["\n## HS (%) vs harmful ratio p (seed %d)\n" % seeds[0], render(["method", *map(str, RATIOS)], rows)]
+        md += [f"\n## HS (%) vs harmful ratio p (seed {seeds[0]})\n", render(["method", *map(str, RATIOS)], rows)]
     if stress:
         base = {value(r, "defense.name"): r for r in main if value(r, "seed") == seeds[0]}
         rows = [[d, f"{base[d]['harmful_score']:.1f}" if d in base else "–",

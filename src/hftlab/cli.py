@@ -44,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="reports/bench", help="report folder (default: %(default)s)")
     p.add_argument("--runs", default="runs", help="run folders and store (default: %(default)s)")
     p.add_argument("--no-sweeps", action="store_true", help="main table only (no p-sweep, no stress)")
+    p.add_argument("--defenses", default="", help="comma-separated subset (default: every registered defense)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides for every cell")
 
     sub.add_parser("list", help="registered defenses, attacks, judges and tasks by stage")
@@ -177,7 +178,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .bench_suite import run_bench
 
     seeds = (0,) if args.quick else (0, 1, 2)
-    out = run_bench(Path(args.out), seeds, args.jobs, args.runs, args.overrides, sweeps=not args.no_sweeps)
+    subset = [d for d in args.defenses.split(",") if d] or None
+    out = run_bench(Path(args.out), seeds, args.jobs, args.runs, args.overrides, sweeps=not args.no_sweeps,
+                    defenses=subset)
     print((out / "table.md").read_text())
     print(f"report: {out}/ (table.md, table.csv, table.tex, *.png)")
     return 0

@@ -115,6 +115,7 @@ def tiny_gpt2(vocab_size: int, pad_id: int) -> nn.Module:
 
     torch.manual_seed(0)
     cfg = GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=2, n_positions=128,
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
                      bos_token_id=pad_id, eos_token_id=pad_id, pad_token_id=pad_id)
     return GPT2LMHeadModel(cfg)
 

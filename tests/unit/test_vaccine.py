@@ -7,14 +7,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from align_helpers import (accumulation_matches, assert_grads_close, attention_output_grads, batch, grads,
-                           make_ctx, organism, second_arch_trains, vaccine_direct)  # noqa: F401
+from align_helpers import (accumulation_matches, assert_grads_close, attention_output_grads, batch, grads,  # noqa: F401
+                           make_ctx, organism, second_arch_trains, tiny_gpt2, vaccine_direct)
 
-from hftlab.config import ConfigError, load_config
+from hftlab.config import ConfigError, TrainConfig, load_config
 from hftlab.data.format import Formatter
 from hftlab.defenses.perturbation import shifted, vaccine_shifts
 from hftlab.defenses.vaccine import Vaccine
 from hftlab.models.introspect import attention_modules
+from hftlab.models.loading import add_lora
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "defenses"
 
@@ -87,9 +88,6 @@ def test_gradient_accumulation(organism, fmt):
 
 
 def test_lora_gradient_matches(organism, fmt):
-    from hftlab.config import TrainConfig
-    from hftlab.models.loading import add_lora
-
     torch.manual_seed(0)
     model = add_lora(copy.deepcopy(organism), TrainConfig(lora=True, lora_r=4))
     with torch.no_grad():  # non-zero B so that the adapter changes the forward
@@ -106,8 +104,17 @@ def test_lora_gradient_matches(organism, fmt):
 
 
 @pytest.mark.parametrize("lora", [False, True])
-def test_second_architecture(organism_tokenizer, lora):
+def test_second_architecture(organism_tokenizer, fmt, lora):
     second_arch_trains(Vaccine(), organism_tokenizer, lora)
+    model = tiny_gpt2(len(organism_tokenizer), organism_tokenizer.pad_token_id)  # GPT-2: tuple outputs, Conv1D
+    if lora:
+        model = add_lora(model, TrainConfig(lora=True, lora_r=4))
+    b = batch(fmt)
+    _, want = vaccine_direct(model, b, 2.0)
+    d = Vaccine(rho=2.0)
+    d.setup(model, make_ctx(fmt))
+    d.backward(model, b, make_ctx(fmt))
+    assert_grads_close(grads(model), want)
 
 
 def test_bad_rho_is_a_config_error():
