@@ -22,8 +22,9 @@ FAST = [
 ]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="session", autouse=True)
 def organism_path() -> Path:
+    """Built once before any test (a fresh machine builds it here, not inside a subprocess's timeout)."""
     from hftlab.organism.build import ensure_organism
 
     return ensure_organism()
