@@ -21,7 +21,8 @@ Deviations:
   between its passes (which drops earlier micro-batches' gradients under accumulation).
 - The weights are restored exactly from a copy after the perturbed pass (the reference adds the
   step back, which rounds in bf16).
-- The harmful batch has the training micro-batch size (the reference hard-codes 10, its batch size).
+- The harmful batch has the training micro-batch size (the reference hard-codes 10, its batch size),
+  drawn from the provider's harmful set of ``data.harmful_n`` samples (the paper: 5000).
 """
 from __future__ import annotations
 

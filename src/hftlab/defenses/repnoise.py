@@ -53,8 +53,9 @@ class Config:
     kernel_mul: float = field(default=2.0, metadata=rng(1.0, None))  # bandwidth ratio between kernels
 
     def check(self) -> None:
-        if self.alpha < 0 or self.beta < 0:
-            raise ValueError(f"alpha: alpha={self.alpha}, beta={self.beta}; both must be >= 0")
+        for key in ("alpha", "beta"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"{key}: {getattr(self, key)} < 0; must be >= 0")
 
 
 def mmd(x: torch.Tensor, y: torch.Tensor, kernels: int = 5, mul: float = 2.0) -> torch.Tensor:
@@ -115,7 +116,8 @@ class RepNoise(Defense):
 
     def setup(self, model: nn.Module, ctx: Context) -> None:
         require(ctx, "harmful", "repnoise")
-        mlp_modules(model), final_norm(model)  # fail before training on a model we cannot read
+        mlp_modules(model)  # fail before training on a model whose blocks cannot be found
+        final_norm(model)
 
     def backward(self, model: nn.Module, batch: dict[str, torch.Tensor], ctx: Context) -> torch.Tensor:
         cfg = self.cfg
