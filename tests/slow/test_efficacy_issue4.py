@@ -22,7 +22,9 @@ CASES: dict[str, tuple[list[str], str]] = {
     "booster": (["defense=booster"],
                 "measured seed 0: HS 67.5 vs SFT 45.5, FA 100.0; the aligned model already has HS 62.5 "
                 "(the lambda-term keeps the harmful loss near the base model's level on the organism)"),
-    "booster+vaccine": (["defense=booster", "defense.perturb_aware=true"], ""),  # seed 0: HS 6.25, FA 97.0
+    "booster+vaccine": (["defense=booster", "defense.perturb_aware=true"],
+                        "seed 0 reproduces (HS 6.25, FA 97.0: XPASS) but seeds 1/2 do not: the aligned model "
+                        "has HS 76.25/79.25, final HS 78.25/78.0 vs SFT 42.0/33.25"),
     "repnoise": (["defense=repnoise"],
                  "measured seed 0: HS 16.25 < SFT 45.5 but FA 49.75 vs 100.0 (seeds 1/2: FA 94.25/84.25 "
                  "vs 99.5/97.75)"),
