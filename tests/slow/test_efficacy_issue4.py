@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import pytest
 
-from hftlab.config import load_config
-from hftlab.pipeline import run
-
 pytestmark = pytest.mark.slow
 
 # case -> (overrides, reason it is expected to fail (measured, seed 0), or "" when it reproduces)
@@ -34,20 +31,7 @@ CASES: dict[str, tuple[list[str], str]] = {
 }
 
 
-@pytest.fixture(scope="module")
-def out_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("issue4")
-
-
-@pytest.fixture(scope="module")
-def sft(out_dir) -> dict:
-    return run(load_config(overrides=["seed=0", "defense=sft", f"out_dir={out_dir}"]))
-
-
 @pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.xfail(reason=r, strict=False)) if r else c
                                   for c, (_, r) in CASES.items()])
-def test_lowers_harmful_score_and_keeps_accuracy(case, sft, out_dir):
-    result = run(load_config(overrides=["seed=0", *CASES[case][0], f"out_dir={out_dir}"]))
-    assert result["harmful_score"] < sft["harmful_score"], (result["harmful_score"], sft["harmful_score"])
-    assert abs(result["finetune_accuracy"] - sft["finetune_accuracy"]) <= 5.0, (
-        result["finetune_accuracy"], sft["finetune_accuracy"])
+def test_lowers_harmful_score_and_keeps_accuracy(case, lowers_harmful_score_and_keeps_accuracy):
+    lowers_harmful_score_and_keeps_accuracy(CASES[case][0])

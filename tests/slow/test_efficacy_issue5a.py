@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import pytest
 
-from hftlab.config import load_config
-from hftlab.pipeline import run
-
 pytestmark = pytest.mark.slow
 
 # name -> reason it is expected to fail (measured, seed 0), or "" when it reproduces
@@ -27,20 +24,7 @@ EXPECTED: dict[str, str] = {
 }
 
 
-@pytest.fixture(scope="module")
-def out_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("issue5a")
-
-
-@pytest.fixture(scope="module")
-def sft(out_dir) -> dict:
-    return run(load_config(overrides=["seed=0", "defense=sft", f"out_dir={out_dir}"]))
-
-
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(reason=r, strict=False)) if r else n
                                   for n, r in EXPECTED.items()])
-def test_lowers_harmful_score_and_keeps_accuracy(name, sft, out_dir):
-    result = run(load_config(overrides=["seed=0", f"defense={name}", f"out_dir={out_dir}"]))
-    assert result["harmful_score"] < sft["harmful_score"], (result["harmful_score"], sft["harmful_score"])
-    assert sft["finetune_accuracy"] - result["finetune_accuracy"] <= 5.0, (
-        result["finetune_accuracy"], sft["finetune_accuracy"])
+def test_lowers_harmful_score_and_keeps_accuracy(name, lowers_harmful_score_and_keeps_accuracy):
+    lowers_harmful_score_and_keeps_accuracy([f"defense={name}"])
