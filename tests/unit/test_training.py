@@ -60,3 +60,30 @@ def test_loss_log_written(tmp_path, organism_path, organism_tokenizer):
                                           warmup_ratio=0.34), log_path=log, pad_id=organism_tokenizer.pad_token_id)
     lines = log.read_text().splitlines()
     assert len(lines) == 3 and len(res.losses) == 3
+
+
+def test_length_groups_give_the_padded_batch_loss_and_gradient(organism_path, organism_tokenizer):
+    """lm_loss runs a batch of very unequal rows as length groups: same loss and gradient, less padding."""
+    from hftlab.data.format import collate
+    from hftlab.defenses.base import length_groups, lm_loss
+
+    fmt = Formatter(organism_tokenizer)
+    src = get_source("organism")
+    feats = fmt.encode_all(src.task("sentiment", "train", 7) + src.harmful("attack", 1))
+    batch = collate(feats, organism_tokenizer.pad_token_id)
+    groups = length_groups(batch["attention_mask"])
+    assert groups and len(groups) >= 2 and sum(len(rows) for rows, _ in groups) == 8
+    assert max(w for _, w in groups) == batch["input_ids"].shape[1] and min(w for _, w in groups) < 0.7 * max(
+        w for _, w in groups)
+    model = load_model(organism_path, ModelConfig())
+    got = []
+    for by_length in (False, True):
+        model.zero_grad()
+        loss = lm_loss(model, batch, by_length=by_length)
+        loss.backward()
+        got.append((loss.detach(), torch.cat([p.grad.flatten() for p in model.parameters()])))
+    torch.testing.assert_close(got[0][0], got[1][0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got[0][1], got[1][1], rtol=1e-4, atol=1e-6)
+    # rows of equal length, or a left-padded (generation) batch, stay one forward
+    assert length_groups(torch.ones(4, 9, dtype=torch.long)) is None
+    assert length_groups(torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])) is None

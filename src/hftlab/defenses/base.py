@@ -97,10 +97,59 @@ def _endless(feats: list, bs: int, fmt: Any, device: torch.device, seed: int) ->
             yield {k: v.to(device) for k, v in batch.items()}
 
 
-def lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean next-token cross-entropy over the labelled tokens of the batch."""
-    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                 labels=batch["labels"]).loss
+def lm_loss(model: nn.Module, batch: dict[str, torch.Tensor], by_length: bool = True) -> torch.Tensor:
+    """Mean next-token cross-entropy over the labelled tokens of the batch.
+
+    On CPU (one process), a right-padded batch whose rows differ much in length runs as a few length
+    groups, each padded only to its own longest row (:func:`length_groups`). The loss is the same sum
+    over the same tokens divided by the same count, so its value and gradient are those of the padded
+    batch (up to float rounding); only the padding compute goes. ``by_length=False`` keeps one forward
+    (methods whose hooks need the whole batch's activations, e.g. Vaccine's perturbation).
+    """
+    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    groups = length_groups(mask) if by_length and _may_split(model, ids) else None
+    if not groups:
+        return model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    n_items = (labels[:, 1:] != -100).sum()
+    total = ids.new_zeros((), dtype=torch.float32)
+    for rows, width in groups:
+        total = total + model(input_ids=ids[rows, :width], attention_mask=mask[rows, :width],
+                              labels=labels[rows, :width], num_items_in_batch=n_items).loss
+    return total
+
+
+SPLIT_OVERHEAD = 96  # cost of one extra forward, in padded token positions (measured on the organism, CPU)
+
+
+def _may_split(model: nn.Module, ids: torch.Tensor) -> bool:
+    from torch.nn.parallel import DistributedDataParallel
+
+    return ids.device.type == "cpu" and ids.shape[0] > 1 and not isinstance(model, DistributedDataParallel)
+
+
+def length_groups(mask: torch.Tensor, overhead: int = SPLIT_OVERHEAD) -> list[tuple[torch.Tensor, int]] | None:
+    """Rows of a right-padded batch in contiguous length groups minimising padded positions plus
+    ``overhead`` per group (exact dynamic programme over the sorted lengths); None if one group is best."""
+    lengths = mask.sum(1)
+    if not bool((mask[:, :-1] >= mask[:, 1:]).all()):  # not right-padded: leave it alone
+        return None
+    order = torch.argsort(lengths, stable=True)
+    ls = lengths[order].tolist()
+    n = len(ls)
+    best = [0.0] + [float("inf")] * n  # best[j]: cost of the first j sorted rows
+    cut = [0] * (n + 1)
+    for j in range(1, n + 1):
+        for i in range(j):
+            c = best[i] + (j - i) * ls[j - 1] + overhead
+            if c < best[j]:
+                best[j], cut[j] = c, i
+    bounds, j = [], n
+    while j > 0:
+        bounds.append((cut[j], j))
+        j = cut[j]
+    if len(bounds) == 1:
+        return None
+    return [(order[i:j], int(ls[j - 1])) for i, j in reversed(bounds)]
 
 
 class Defense:

@@ -85,7 +85,7 @@ def output_grads(model: nn.Module, batch: dict[str, torch.Tensor],
                  modules: Sequence[nn.Module]) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """(loss, [∂loss/∂output_l]) for one batch, without computing any weight gradient."""
     with capture_outputs(modules) as outs:
-        loss = lm_loss(model, batch)
+        loss = lm_loss(model, batch, by_length=False)
     nodes = [outs[i] for i in range(len(modules))]
     grads = torch.autograd.grad(loss, nodes, allow_unused=True)
     return loss.detach(), [torch.zeros_like(n) if g is None else g.detach() for n, g in zip(nodes, grads)]
@@ -134,6 +134,6 @@ def vaccine_backward(model: nn.Module, batch: dict[str, torch.Tensor], ctx: Cont
                      modules: Sequence[nn.Module], rho: float) -> torch.Tensor:
     """Accumulate the gradient of the perturbed alignment loss (only that one); return the loss."""
     with vaccine_perturbation(model, batch, modules, rho):
-        loss = lm_loss(model, batch)
+        loss = lm_loss(model, batch, by_length=False)
         ctx.backward(loss)
     return loss.detach()
