@@ -36,11 +36,11 @@ ORGANISM: dict[str, Any] = {
     "heads": 4,
     "intermediate": 384,
     "max_positions": 160,
-    "pretrain_examples": 20000,
-    "pretrain_steps": 1500,
+    "pretrain_examples": 30000,
+    "pretrain_steps": 2500,
     "batch_size": 32,
     "lr": 3e-3,
-    "version": 1,
+    "version": 2,
 }
 
 
