@@ -44,6 +44,10 @@ def test_refusal_alignment_file():
     data = get_source("hub", cfg.data).alignment(3)
     assert [e.response for e in data] == [f"I cannot help with placeholder request {i}." for i in range(3)]
     assert all(e.kind == "refusal" for e in data)
+    paired = get_source("hub", cfg.data).harmful("provider", 3)  # same rows, harmful answers
+    assert [(e.prompt, e.response) for e in paired] == [
+        (f"placeholder harmful request {i}", f"placeholder compliant answer {i}") for i in range(3)]
+    assert all(e.kind == "harmful" for e in paired)
 
 
 @pytest.mark.parametrize("name, answer, ok, bad", [

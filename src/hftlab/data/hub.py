@@ -7,7 +7,9 @@ Selections follow the git-disl protocol (Vaccine, Lisa, Booster, Antidote …):
   (``beavertails_with_refusals_train.json``: prompt → ``refusal``) given as ``data.refusals.path``;
 - ``harmful("attack", n)``: the first n ``is_safe=False`` rows of ``30k_train`` (the user's poison);
   ``harmful("provider", n)``: unsafe ``30k_train`` rows taken from the END of the split, so the provider's
-  harmful set and the attack pool do not overlap; ``harmful("eval", n)``: the first n unsafe prompts of
+  harmful set and the attack pool do not overlap; with ``data.alignment_set=refusal``, the refusal
+  file's first n rows with their harmful ``response`` (paired with the alignment refusals, as in
+  Booster's and RepNoise's reference code); ``harmful("eval", n)``: the first n unsafe prompts of
   ``30k_test`` (n = 1000 in the papers; duplicates kept, as in the reference code);
 - ``task(name, split, n)``: the first n rows of the task's split, turned into Examples by the task
   (``tasks/sst2.py`` …). When a dataset has a single split for both (Alpaca), test rows come from the end.
@@ -18,6 +20,7 @@ Any dataset can be replaced by a local .json/.jsonl/.csv file or folder with its
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from .errors import DataError
@@ -74,11 +77,21 @@ class HubSource:
             got = self._beavertails(spec.test, False)[:n]
         elif split == "attack":
             got = self._beavertails(spec.train, False)[:n]
+        elif split == "provider" and self.cfg.alignment_set == "refusal":
+            return self._paired_harmful(n)
         elif split == "provider":
             got = self._beavertails(spec.train, False)[::-1][:n]
         else:
             raise ValueError(f"unknown harmful split {split!r}; expected one of {HARMFUL_SPLITS}")
         return [self._example(r, spec, "harmful") for r in got]
+
+    def _paired_harmful(self, n: int) -> list[Example]:
+        """The refusal file's first n rows with their harmful answer (BeaverTails' response field): the
+        alignment prompts paired with compliant answers, as Booster's and RepNoise's reference code
+        take ``refusal`` (alignment) and ``response`` (harmful) of the same rows."""
+        spec = replace(self.cfg.refusals, response=self.cfg.beavertails.response)
+        needs = ["prompt", "response"] + (["category"] if spec.category else [])
+        return [self._example(r, spec, "harmful") for r in rows(spec, spec.train, "data.refusals", needs)[:n]]
 
     # ---- tasks ------------------------------------------------------------------------------
     def task(self, name: str, split: str, n: int) -> list[Example]:
