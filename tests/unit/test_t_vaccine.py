@@ -48,7 +48,7 @@ def test_sampling_is_in_proportion_to_the_scores():
     assert len(sample_layers(torch.tensor([0.0, 0.0, 1.0, 0.0]), 2, gen)) == 2
 
 
-def test_only_sampled_layers_train_and_are_perturbed(organism, fmt):
+def test_only_sampled_attention_trains_and_is_perturbed(organism, fmt):
     b = batch(fmt)
     d = TVaccine(layers=2, paper_depth=0, rho=3.0)
     ctx = make_ctx(fmt)
@@ -58,9 +58,11 @@ def test_only_sampled_layers_train_and_are_perturbed(organism, fmt):
     d.backward(organism, b, ctx)
     got = grads(organism)
     owner = layer_index_of(organism)
-    assert got and {owner.get(n) for n in got} == {1, 3}, "only the sampled layers get gradients"
+    frozen = {n for n, _ in organism.named_parameters() if ".self_attn." in n and owner.get(n) not in (1, 3)}
+    assert frozen and got and not frozen & set(got), "the other layers' attention gets no gradient"
+    assert {n for n, _ in organism.named_parameters()} - frozen == set(got), "everything else trains (MLPs too)"
     for n, p in organism.named_parameters():
-        p.requires_grad_(owner.get(n) in (1, 3))
+        p.requires_grad_(n not in frozen)
     e, want = vaccine_direct(organism, b, 3.0, layers=[1, 3])
     torch.testing.assert_close(torch.sqrt(sum((x ** 2).sum() for x in e)), torch.tensor(3.0))
     assert_grads_close(got, want)

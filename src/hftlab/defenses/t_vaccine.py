@@ -9,20 +9,20 @@ Reference: Lslland/T-Vaccine ``trainer.py`` (``BaseTrainer.training_step``, ``sw
 
 Every K optimiser steps, score each layer l by ‖∂h/∂(attention output_l)‖₂ on a harmful batch
 (h = harmful loss); every J steps, sample S layers without replacement with probability
-score_l / Σ score. Only the sampled layers are trainable and only their attention outputs get
-Vaccine's perturbation (one global norm ρ over the sampled layers); the other layers are frozen
-and run under gradient checkpointing, which is where the memory goes down.
+score_l / Σ score. Only the sampled layers' attention modules are trainable and only their attention
+outputs get Vaccine's perturbation (one global norm ρ over the sampled layers); the other layers'
+attention is frozen and those layers run under gradient checkpointing, which is where the memory goes
+down. Everything outside the attention modules (MLPs, norms, embeddings) trains as in SFT: the
+reference toggles only parameters inside the attention modules (``unfreeze_activate_layers``), while
+its LoRA on the MLP projections (``train.py``: q,k,v,o,up,down,gate) trains in every layer.
 
 Scaling S: the paper samples S=8 of Llama-2-7B's 32 layers. ``layers`` is that S and ``paper_depth``
 that 32: on an L-layer model S is rescaled to max(1, round(S·L/32)), the same fraction of the
 depth (1 of the organism's 4 layers). ``paper_depth=0`` takes ``layers`` literally (capped at L).
 
 Deviations:
-- "Layer" = a whole decoder block: its trainable parameters train when sampled. With LoRA on the
-  attention projections (the reference's setting) this is exactly the reference (its LoRA sits only
-  in attention). With full fine-tuning, parameters outside the decoder blocks (embeddings, final
-  norm, head) stay frozen during this stage, as nothing outside the sampled layers trains in the
-  reference.
+- With full fine-tuning (the organism's alignment), "the attention LoRA of a layer" becomes the
+  attention module's weights; the rest trains in every layer, as the reference's MLP LoRA does.
 - The schedule runs on optimiser steps (``on_step_end``), not on Trainer micro-steps (the reference
   re-scores/re-samples on every micro-batch of a scheduled step under gradient accumulation).
 - Sampling uses a torch generator seeded by the run's seed (the reference uses global NumPy).
@@ -93,7 +93,7 @@ def sample_layers(probs: torch.Tensor, k: int, generator: torch.Generator) -> li
 
 
 class TVaccine(Defense):
-    """Vaccine on S layers sampled by harmful-gradient norm; the other layers are frozen."""
+    """Vaccine on S layers sampled by harmful-gradient norm; the other layers' attention is frozen."""
 
     name = "t-vaccine"
     stages = ("align",)
@@ -104,9 +104,7 @@ class TVaccine(Defense):
         require(ctx, "harmful", "t-vaccine")
         self.layers = decoder_layers(model)
         self.attns = attention_modules(model)
-        in_layers = {id(p) for layer in self.layers for p in layer.parameters()}
-        self.owned = [[p for p in layer.parameters() if p.requires_grad] for layer in self.layers]
-        self.outside = [p for p in model.parameters() if p.requires_grad and id(p) not in in_layers]
+        self.owned = [[p for p in attn.parameters() if p.requires_grad] for attn in self.attns]
         self.ckpt = [(getattr(l, "gradient_checkpointing", None), getattr(l, "_gradient_checkpointing_func", None))
                      for l in self.layers]
         self.config = getattr(unwrap(model), "config", None)
@@ -117,8 +115,6 @@ class TVaccine(Defense):
         self.generator = torch.Generator().manual_seed(ctx.seed)
         self.active: list[int] = []
         self.probs = torch.full((len(self.layers),), 1.0 / len(self.layers))
-        for p in self.outside:
-            p.requires_grad_(False)
         self._schedule(model, ctx)
 
     def _schedule(self, model: nn.Module, ctx: Context) -> None:
@@ -159,6 +155,6 @@ class TVaccine(Defense):
         self._restore_checkpointing()
         if self.use_cache:
             self.config.use_cache = self.use_cache
-        for p in [p for params in self.owned for p in params] + self.outside:
+        for p in [p for params in self.owned for p in params]:
             p.requires_grad_(True)
-        self.layers, self.attns, self.owned, self.outside = [], [], [], []
+        self.layers, self.attns, self.owned = [], [], []
