@@ -22,7 +22,13 @@ Deviations:
 - The weights are restored exactly from a copy after the perturbed pass (the reference adds the
   step back, which rounds in bf16).
 - The harmful batch has the training micro-batch size (the reference hard-codes 10, its batch size),
-  drawn from the provider's harmful set of ``data.harmful_n`` samples (the paper: 5000).
+  drawn from the provider's harmful set of ``data.harmful_n`` samples (the paper: 5000). That set is
+  the alignment prompts with harmful answers, as in the reference (rows 5001–9999 of its refusal file:
+  ``refusal`` for f, ``response`` for h); on the hub source this holds with ``data.alignment_set=refusal``.
+- α is a step in the space of the weights that alignment trains: the reference aligns a LoRA adapter
+  (r=32, lora_alpha=4, B=0 at start), the organism's default alignment is full fine-tuning, so the same
+  α=0.1 moves a ~1M-parameter model much further. Note: the reference's rule itself descends h through
+  +λ∇h(w) (curvature term λα·Hĝ); on the organism this keeps the aligned model's harmful loss low.
 """
 from __future__ import annotations
 

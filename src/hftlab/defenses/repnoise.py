@@ -20,8 +20,9 @@ last hidden state is already normed; it is normed again, as in the reference).
 
 Deviations:
 - The reference pairs each harmful sample with the same prompt's refusal and masks the tokens where
-  the two differ; here the alignment and harmful batches are drawn independently and the masks are
-  the labelled (response) tokens of each batch.
+  the two differ; here the two sets are paired too (the provider's harmful set has the alignment
+  prompts), but the batches are drawn independently and the masks are the labelled (response) tokens
+  of each batch (Booster's copy of RepNoise also samples them independently).
 - The reference's masked CE ignores token id 0 and zeroes the logits outside the mask (so the first
   response token is scored against uniform logits); ours is HF's shifted CE on the labels.
 - The logit-lens cross-entropies project only the labelled positions through the head (the
