@@ -93,6 +93,7 @@ def plan(files: Sequence[str], grid: Sequence[str], fixed: Sequence[str] = ()) -
 
 
 def _priority(cell: Cell) -> tuple[int, int]:
+    """Sort key of a group's leader: alignment-stage defenses first, in ``ALIGN_FIRST`` order."""
     name = cell.cfg.defense.name
     if not _acts_in_align(name):
         return (1, 0)
