@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import os
 import signal
+import json
+import multiprocessing
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -12,7 +15,7 @@ import pytest
 
 from hftlab import store
 from hftlab.config import ConfigError
-from hftlab.sweep import expand, plan, run_sweep
+from hftlab.sweep import expand, plan, run_cells, run_sweep
 
 
 def test_expand_is_a_product_and_keeps_lists_whole():
@@ -60,6 +63,57 @@ def test_killed_sweep_finishes_only_missing_cells(fast_overrides):
     assert all(finished[p] == t for p, t in done.items())  # finished cells were not redone
     rows = _store_rows(out)
     assert len(rows) == 3 and len({r["run_id"] for r in rows}) == 3
+
+
+def _losses(result: dict) -> dict[str, float]:
+    return {s["name"]: s["metrics"]["final_loss"] for s in result["stages"] if "final_loss" in s["metrics"]}
+
+
+def test_pool_shares_alignment_and_matches_hftlab_run(fast_overrides, tmp_path):
+    out = Path(fast_overrides[-1].split("=", 1)[1])
+    cells = [*plan([], ["attack.ratio=0,0.5"], fast_overrides), *plan([], ["seed=1"], fast_overrides)]
+    assert cells[0].align_group() == cells[1].align_group() != cells[2].align_group()
+    results = run_cells(cells, jobs=1)  # one worker: the follower (ratio 0.5) runs third, after the others
+    assert len(list(out.glob("align/*/manifest.json"))) == 2  # the shared alignment was computed once
+    align = [next(s for s in r["stages"] if s["name"] == "align") for r in results]
+    assert [a["cached"] for a in align] == [False, True, False]
+    single = [*(o for o in fast_overrides if not o.startswith("out_dir=")), "attack.ratio=0.5", f"out_dir={tmp_path}/one"]
+    proc = subprocess.run([sys.executable, "-m", "hftlab", "run", *single, "--json"], capture_output=True, text=True,
+                          check=True)
+    alone = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert results[1]["metrics"] == alone["metrics"] and results[1]["aligned"] == alone["aligned"]
+    assert _losses(results[1]) == pytest.approx(_losses(alone), rel=1e-6)
+    assert len(_store_rows(out)) == 3
+
+
+def test_failed_cell_is_named_and_the_others_finish(fast_overrides):
+    cells = plan([], ["model.name=organism,/nonexistent/model"], fast_overrides)
+    with pytest.raises(RuntimeError, match=r"^1 sweep cell\(s\) failed; first: cell .*model\.name=/nonexistent/model "
+                                           r"failed: \w+: .*nonexistent"):
+        run_cells(cells, jobs=2)
+    assert cells[0].result_path.is_file() and not cells[1].result_path.is_file()
+
+
+def test_crashed_worker_is_reported_not_hung(fast_overrides):
+    cells = plan([], [], fast_overrides)
+    before = {p.pid for p in multiprocessing.active_children()}
+
+    def kill_worker() -> None:
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            workers = [p for p in multiprocessing.active_children() if p.pid not in before]
+            if workers:
+                time.sleep(1)
+                os.kill(workers[0].pid, signal.SIGKILL)
+                return
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_worker, daemon=True)
+    killer.start()
+    with pytest.raises(RuntimeError, match=r"1 sweep cell\(s\) failed; first: cell .* failed: BrokenProcessPool"):
+        run_cells(cells, jobs=1)
+    killer.join()
+    assert not cells[0].result_path.is_file()
 
 
 def test_bench_writes_report_folder(fast_overrides, tmp_path):

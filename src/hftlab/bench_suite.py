@@ -1,6 +1,6 @@
 """``hftlab bench``: the survey's comparison on the organism, in one command.
 
-Runs (through :mod:`hftlab.sweep`, so cached and resumable):
+Runs (through :mod:`hftlab.sweep`, so cached and resumable; the three parts in one scheduler):
 1. the main table: SFT and every registered defense at the default attack (p = 0.1, n = 1000), seeds;
 2. the p-sweep: HS/FA vs p ∈ {0, 0.05, 0.1, 0.2} for SFT and the P1 defenses;
 3. the stress regime: 10× the fine-tuning learning rate for SFT and the P1 defenses;
@@ -21,7 +21,7 @@ from . import registry
 from .artifacts import atomic_write_text
 from .config import load_config
 from .report import fmt_num, render, value
-from .sweep import run_sweep
+from .sweep import plan, run_cells
 
 log = logging.getLogger(__name__)
 
@@ -95,14 +95,17 @@ def run_bench(out: Path, seeds: Sequence[int], jobs: int, runs_dir: str, extra: 
         defenses.insert(0, "sft")
     p1 = ["sft", *[d for d in P1 if d in defenses]]
     seed_axis = f"seed={','.join(map(str, seeds))}"
-    main = run_sweep([], [f"defense={','.join(defenses)}", seed_axis], fixed, jobs, desc="main table")
-    curves = stress = []
+    main_cells = plan([], [f"defense={','.join(defenses)}", seed_axis], fixed)
+    curve_cells = stress_cells = []
     if sweeps:
-        curves = run_sweep([], [f"defense={','.join(p1)}", f"attack.ratio={','.join(map(str, RATIOS))}",
-                                f"seed={seeds[0]}"], fixed, jobs, desc="p-sweep")
+        curve_cells = plan([], [f"defense={','.join(p1)}", f"attack.ratio={','.join(map(str, RATIOS))}",
+                                f"seed={seeds[0]}"], fixed)
         lr = load_config(overrides=list(extra)).finetune.lr
-        stress = run_sweep([], [f"defense={','.join(p1)}", f"seed={seeds[0]}"],
-                           [*fixed, f"finetune.lr={lr * 10:g}"], jobs, desc="stress 10x lr")
+        stress_cells = plan([], [f"defense={','.join(p1)}", f"seed={seeds[0]}"], [*fixed, f"finetune.lr={lr * 10:g}"])
+    # One scheduler for the three parts (no barrier between them); shared cells (p = 0.1) run once.
+    results = run_cells([*main_cells, *curve_cells, *stress_cells], [], jobs, desc="bench")
+    main, curves = results[:len(main_cells)], results[len(main_cells):len(main_cells) + len(curve_cells)]
+    stress = results[len(main_cells) + len(curve_cells):]
     ratios = overhead(main)
     out.mkdir(parents=True, exist_ok=True)
     header, body = main_table(main, ratios)

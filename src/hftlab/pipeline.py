@@ -252,8 +252,10 @@ class Pipeline:
         if _accelerator().is_main_process:
             from . import store
 
-            write_json(Path(result["run_dir"]) / "result.json", {**result, "config": config})
+            # The store row first: result.json marks the run done (a sweep skips it), so a kill between
+            # the two must leave the run to redo (its row is replaced), not done without a row.
             store.record(cfg.store or self.out / "results.sqlite", run_id, config, result)
+            write_json(Path(result["run_dir"]) / "result.json", {**result, "config": config})
         return result
 
 

@@ -1,24 +1,29 @@
-"""``hftlab sweep``: a grid over config keys, cells in parallel processes, resumable.
+"""``hftlab sweep``: a grid over config keys, cells on a pool of worker processes, resumable.
 
 ``hftlab sweep defense=sft,vaccine attack.ratio=0,0.1 seed=0,1,2 --jobs 2`` runs the product of the
 comma-separated values. Every cell is validated before anything runs; a cell whose run folder already
-holds ``result.json`` is skipped, so a killed sweep reruns only its missing cells. Cells sharing an
-alignment run it once: the first cell of each alignment group runs before the others (stage folders
-are locked, so a duplicate would only wait). Each cell is a ``hftlab run --json`` subprocess with one
-torch thread, and a row in the SQLite store (keyed by run id, so each cell is stored once).
+holds ``result.json`` is skipped, so a killed sweep reruns only its missing cells. Cells run in-process
+in ``jobs`` persistent spawned workers (one torch thread each; torch is imported once per worker, not
+once per cell), and each writes a row in the SQLite store (keyed by run id, so each cell is stored once).
+Cells sharing an alignment run it once: the first cell of each alignment group (its leader) runs first,
+the longest alignments first, and the others follow as soon as their leader ends (no barrier).
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
+import multiprocessing
 import os
-import subprocess
+import signal
 import sys
-from concurrent.futures import ThreadPoolExecutor, as_completed
+import warnings
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from tqdm.auto import tqdm
 
@@ -26,6 +31,21 @@ from .artifacts import content_hash
 from .config import Config, ConfigError, load_config, parse_override, to_dict
 
 log = logging.getLogger(__name__)
+
+# Leaders run in this order: alignment-stage defenses first (the long ones, longest first), then the rest.
+ALIGN_FIRST = ("booster", "repnoise", "vaccine", "t-vaccine")
+# The workers' environment (they start on demand, so ours holds it while the pool lives).
+WORKER_ENV = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "TQDM_DISABLE": "1"}
+
+
+class CellError(RuntimeError):
+    """A cell failed: its overrides and the exception's last line."""
+
+
+def _acts_in_align(defense: str) -> bool:
+    from . import registry
+
+    return "align" in getattr(registry.get("defense", defense), "stages", ())
 
 
 @dataclass
@@ -43,10 +63,8 @@ class Cell:
 
     def align_group(self) -> str:
         """Cells with equal groups share their alignment stage (same inputs to ``Pipeline.align``)."""
-        from . import registry
-
         c = self.cfg
-        acts = "align" in getattr(registry.get("defense", c.defense.name), "stages", ())
+        acts = _acts_in_align(c.defense.name)
         return content_hash(asdict(c.model), asdict(c.data), asdict(c.align), c.seed,
                             [c.defense.name, c.defense.params] if acts else None)
 
@@ -74,44 +92,135 @@ def plan(files: Sequence[str], grid: Sequence[str], fixed: Sequence[str] = ()) -
     return cells
 
 
-def _run_cell(cell: Cell, files: Sequence[str]) -> dict[str, Any]:
-    args = [sys.executable, "-m", "hftlab", "run", *sum((["-c", f] for f in files), []), *cell.overrides, "--json"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run(args, capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        tail = proc.stderr.strip().splitlines()[-1:] or ["(no output)"]
-        raise RuntimeError(f"cell {' '.join(cell.overrides)} failed: {tail[0]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+def _priority(cell: Cell) -> tuple[int, int]:
+    """Sort key of a group's leader: alignment-stage defenses first, in ``ALIGN_FIRST`` order."""
+    name = cell.cfg.defense.name
+    if not _acts_in_align(name):
+        return (1, 0)
+    return (0, ALIGN_FIRST.index(name) if name in ALIGN_FIRST else len(ALIGN_FIRST))
 
 
-def run_sweep(files: Sequence[str], grid: Sequence[str], fixed: Sequence[str] = (), jobs: int = 1,
+def _worker_init(parent: int) -> None:
+    """Set up a pool worker: one torch thread, warnings only, no inner bars, dies with the sweep."""
+    if sys.platform.startswith("linux"):  # a parent killed alone must not leave idle workers behind
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:
+            os._exit(1)
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    warnings.simplefilter("ignore", FutureWarning)  # libraries' deprecation notes, once per worker
+    from tqdm import std
+
+    init = std.tqdm.__init__
+
+    def quiet(self: Any, *args: Any, **kwargs: Any) -> None:  # TQDM_DISABLE loses to an explicit disable=
+        init(self, *args, **{**kwargs, "disable": True})
+
+    std.tqdm.__init__ = quiet  # type: ignore[method-assign]
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def _work(overrides: list[str], files: list[str]) -> str:
+    """Run one cell in this worker (it writes result.json and its store row); return its run id."""
+    from .pipeline import run
+    from .training.loop import accelerator
+
+    try:
+        return run(load_config(files, overrides))["run_id"]
+    except Exception as e:
+        from .cli import _is_user_error
+
+        if not _is_user_error(e):  # a bug: the traceback helps (a user's error is its message)
+            log.error("cell %s:", " ".join(overrides), exc_info=True)
+        lines = str(e).strip().splitlines()
+        why = f"{type(e).__name__}: {lines[-1]}" if lines else type(e).__name__
+        raise CellError(f"cell {' '.join(overrides)} failed: {why}") from None
+    finally:
+        accelerator().free_memory()  # the accelerator would keep every prepared model alive
+
+
+@contextlib.contextmanager
+def _pool(jobs: int) -> Iterator[Callable[[Cell, Sequence[str]], Future]]:
+    """``submit(cell, files)`` on ``jobs`` spawned workers; a pool broken by a crashed worker is replaced."""
+    ctx = multiprocessing.get_context("spawn")
+    new = lambda: ProcessPoolExecutor(max(1, jobs), mp_context=ctx, initializer=_worker_init,  # noqa: E731
+                                      initargs=(os.getpid(),))
+    saved = {k: os.environ.get(k) for k in WORKER_ENV}
+    os.environ.update(WORKER_ENV)
+    pools = [new()]
+
+    def submit(cell: Cell, files: Sequence[str]) -> Future:
+        try:
+            return pools[-1].submit(_work, cell.overrides, list(files))
+        except BrokenProcessPool:
+            log.warning("a worker process died; starting new workers")
+            pools.append(new())
+            return pools[-1].submit(_work, cell.overrides, list(files))
+
+    try:
+        yield submit
+    finally:
+        for p in pools:
+            p.shutdown(wait=True, cancel_futures=True)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _failure(fut: Future, cell: Cell) -> str | None:
+    """The cell's error line, or None if it succeeded."""
+    try:
+        fut.result()
+    except CellError as e:
+        return str(e)
+    except Exception as e:  # a crashed worker (BrokenProcessPool), an unpicklable result
+        return f"cell {' '.join(cell.overrides)} failed: {type(e).__name__}: {e}"
+    return None
+
+
+def run_cells(cells: Sequence[Cell], files: Sequence[str] = (), jobs: int = 1,
               desc: str = "sweep") -> list[dict[str, Any]]:
-    """Run every missing cell; return every cell's result (finished ones read from disk)."""
-    cells = plan(files, grid, fixed)
-    todo = [c for c in cells if not c.result_path.is_file()]
+    """Run every missing cell (each run id once); return every cell's result (read from disk).
+
+    One leader per alignment group is submitted first (see ``ALIGN_FIRST``); a group's other cells are
+    submitted when its leader ends, so they reuse its alignment. A failed cell does not stop the others;
+    at the end a RuntimeError names the first failure."""
+    todo = list({c.run_id: c for c in cells if not c.result_path.is_file()}.values())
     log.info("%s: %d cells, %d to run, %d already done", desc, len(cells), len(todo), len(cells) - len(todo))
     if todo:
         from .organism.build import ensure_organism
 
         if any(c.cfg.model.name == "organism" for c in todo):
-            ensure_organism()  # build once before the processes start
-        seen: set[str] = set()
-        leaders, followers = [], []
+            ensure_organism()  # build once before the workers start
+        groups: dict[str, list[Cell]] = {}
         for c in todo:
-            (followers if c.align_group() in seen else leaders).append(c)
-            seen.add(c.align_group())
+            groups.setdefault(c.align_group(), []).append(c)
         failures: list[str] = []
-        with tqdm(total=len(todo), desc=desc, dynamic_ncols=True) as bar:
-            for phase in (leaders, followers):
-                with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-                    futures = {pool.submit(_run_cell, c, files): c for c in phase}
-                    for fut in as_completed(futures):
-                        try:
-                            fut.result()
-                        except RuntimeError as e:
-                            failures.append(str(e))
-                            log.error("%s", e)
-                        bar.update(1)
+        with _pool(jobs) as submit, tqdm(total=len(todo), desc=desc, dynamic_ncols=True) as bar:
+            leaders_first = sorted(groups.values(), key=lambda g: _priority(g[0]))
+            running = {submit(g[0], files): (g[0], g[1:]) for g in leaders_first}
+            while running:
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    cell, followers = running.pop(fut)
+                    error = _failure(fut, cell)
+                    if error:
+                        failures.append(error)
+                        log.error("%s", error)
+                    bar.update(1)
+                    running.update({submit(c, files): (c, []) for c in followers})
         if failures:
             raise RuntimeError(f"{len(failures)} sweep cell(s) failed; first: {failures[0]}")
     return [{**json.loads(c.result_path.read_text()), "overrides": c.overrides} for c in cells]
+
+
+def run_sweep(files: Sequence[str], grid: Sequence[str], fixed: Sequence[str] = (), jobs: int = 1,
+              desc: str = "sweep") -> list[dict[str, Any]]:
+    """Run every missing cell of the grid; return every cell's result (finished ones read from disk)."""
+    return run_cells(plan(files, grid, fixed), files, jobs, desc)
