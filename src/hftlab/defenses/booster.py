@@ -107,8 +107,8 @@ class Booster(Defense):
                 gi.sub_(gp).mul_(cfg.lamb)
         del g_pert
         perturb = vaccine_perturbation(model, batch, self.modules, cfg.rho) if cfg.perturb_aware else nullcontext()
-        with perturb:
-            loss = lm_loss(model, batch)
+        with perturb:  # Vaccine's hooks perturb the whole batch's activations: one forward then
+            loss = lm_loss(model, batch, by_length=not cfg.perturb_aware)
             ctx.backward(loss + linear_term(self.params, g))
         return loss.detach()
 
