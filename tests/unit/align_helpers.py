@@ -40,6 +40,15 @@ def batch(fmt: Formatter, kind: str = "alignment", n: int = 4, offset: int = 0) 
     return fmt.collate(fmt.encode_all(data[offset: offset + n]))
 
 
+def mixed_batch(fmt: Formatter) -> dict[str, torch.Tensor]:
+    """Short alignment rows and long harmful rows: a batch that ``lm_loss`` runs as length groups."""
+    from hftlab.defenses.base import length_groups
+
+    b = fmt.collate(fmt.encode_all(SOURCE.alignment(64)[:14] + SOURCE.harmful("provider", 4)[:2]))
+    assert length_groups(b["attention_mask"])
+    return b
+
+
 def loss_of(model: nn.Module, b: dict[str, torch.Tensor]) -> torch.Tensor:
     return model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"]).loss
 

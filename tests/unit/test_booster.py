@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from align_helpers import (SOURCE, accumulation_matches, assert_grads_close, batch, grads, loss_of, make_ctx,  # noqa: F401,E501
+from align_helpers import (accumulation_matches, assert_grads_close, batch, grads, loss_of, make_ctx, mixed_batch,  # noqa: F401,E501
                            organism, param_grads, second_arch_trains, vaccine_direct)
 
 from hftlab.config import ConfigError, TrainConfig, load_config
@@ -79,19 +79,9 @@ def test_fresh_harmful_batch_each_step(organism, fmt):
     assert not torch.equal(seen[1]["input_ids"][:, :8], seen[2]["input_ids"][:, :8])
 
 
-def _mixed_lengths(fmt):
-    """Short alignment rows and long harmful rows: a batch that lm_loss would split by length."""
-    from hftlab.defenses.base import length_groups
-
-    feats = fmt.encode_all(SOURCE.alignment(64)[:14] + SOURCE.harmful("provider", 4)[:2])
-    b = fmt.collate(feats)
-    assert length_groups(b["attention_mask"])
-    return b
-
-
 @pytest.mark.parametrize("mixed", [False, True])
 def test_perturb_aware_is_booster_plus_vaccine(organism, fmt, mixed):
-    b = _mixed_lengths(fmt) if mixed else batch(fmt)
+    b = mixed_batch(fmt) if mixed else batch(fmt)
     ctx = make_ctx(fmt)
     seen = _recording(ctx)
     d = Booster(perturb_aware=True, rho=5.0)

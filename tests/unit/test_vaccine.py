@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from align_helpers import (accumulation_matches, assert_grads_close, attention_output_grads, batch, grads,  # noqa: F401
-                           make_ctx, organism, second_arch_trains, tiny_gpt2, vaccine_direct)
+                           make_ctx, mixed_batch, organism, second_arch_trains, tiny_gpt2, vaccine_direct)
 
 from hftlab.config import ConfigError, TrainConfig, load_config
 from hftlab.data.format import Formatter
@@ -68,9 +68,9 @@ def test_shift_is_added_to_every_attention_output(organism, fmt):
     assert all(not torch.allclose(s, c) for s, c in zip(shifted_out, clean))
 
 
-@pytest.mark.parametrize("rho", [2.0, 0.0])
-def test_backward_is_the_perturbed_loss_gradient(organism, fmt, rho):
-    b = batch(fmt)
+@pytest.mark.parametrize("rho, mixed", [(2.0, False), (0.0, False), (2.0, True)])
+def test_backward_is_the_perturbed_loss_gradient(organism, fmt, rho, mixed):
+    b = mixed_batch(fmt) if mixed else batch(fmt)  # mixed: both passes run as length groups
     _, want = vaccine_direct(organism, b, rho)
     d = Vaccine(rho=rho)
     ctx = make_ctx(fmt)

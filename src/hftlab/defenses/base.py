@@ -101,21 +101,33 @@ def lm_loss(model: nn.Module, batch: dict[str, torch.Tensor], by_length: bool = 
     """Mean next-token cross-entropy over the labelled tokens of the batch.
 
     On CPU (one process), a right-padded batch whose rows differ much in length runs as a few length
-    groups, each padded only to its own longest row (:func:`length_groups`). The loss is the same sum
+    groups, each padded only to its own longest row (:func:`batch_pieces`). The loss is the same sum
     over the same tokens divided by the same count, so its value and gradient are those of the padded
-    batch (up to float rounding); only the padding compute goes. ``by_length=False`` keeps one forward
-    (methods whose hooks need the whole batch's activations, e.g. Vaccine's perturbation).
+    batch (up to float rounding); only the padding compute goes. ``by_length=False`` keeps one forward.
     """
-    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
-    groups = length_groups(mask) if by_length and _may_split(model, ids) else None
+    pieces = batch_pieces(model, batch, by_length)
+    n_items = label_count(batch) if len(pieces) > 1 else None
+    return sum(piece_loss(model, p, n_items) for p in pieces)
+
+
+def batch_pieces(model: nn.Module, batch: dict[str, torch.Tensor], by_length: bool = True) -> list[dict]:
+    """The batch as its length groups (CPU, one process, right-padded, when it saves compute), else [batch]."""
+    groups = length_groups(batch["attention_mask"]) if by_length and _may_split(model, batch["input_ids"]) else None
     if not groups:
-        return model(input_ids=ids, attention_mask=mask, labels=labels).loss
-    n_items = (labels[:, 1:] != -100).sum()
-    total = ids.new_zeros((), dtype=torch.float32)
-    for rows, width in groups:
-        total = total + model(input_ids=ids[rows, :width], attention_mask=mask[rows, :width],
-                              labels=labels[rows, :width], num_items_in_batch=n_items).loss
-    return total
+        return [batch]
+    return [{k: v[rows, :width] for k, v in batch.items()} for rows, width in groups]
+
+
+def label_count(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Number of predicted (shifted, labelled) tokens: the denominator of the batch's mean loss."""
+    return (batch["labels"][:, 1:] != -100).sum()
+
+
+def piece_loss(model: nn.Module, piece: dict[str, torch.Tensor], n_items: torch.Tensor | None) -> torch.Tensor:
+    """Sum of the piece's token losses / ``n_items`` (the whole batch's count); the mean if None."""
+    kw = {"num_items_in_batch": n_items} if n_items is not None else {}
+    return model(input_ids=piece["input_ids"], attention_mask=piece["attention_mask"], labels=piece["labels"],
+                 **kw).loss
 
 
 SPLIT_OVERHEAD = 96  # cost of one extra forward, in padded token positions (measured on the organism, CPU)

@@ -32,7 +32,6 @@ Deviations:
 """
 from __future__ import annotations
 
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -41,7 +40,7 @@ from torch import nn
 from ..config import rng
 from ..models.introspect import attention_modules
 from .base import Context, Defense, lm_loss
-from .perturbation import EPS, global_norm, local_model, require, vaccine_perturbation
+from .perturbation import EPS, global_norm, local_model, require, vaccine_backward
 
 
 @dataclass
@@ -106,10 +105,10 @@ class Booster(Defense):
             for gi, gp in zip(g, g_pert):  # λ·(∇h(w) − ∇h(w')), in place to save memory
                 gi.sub_(gp).mul_(cfg.lamb)
         del g_pert
-        perturb = vaccine_perturbation(model, batch, self.modules, cfg.rho) if cfg.perturb_aware else nullcontext()
-        with perturb:  # Vaccine's hooks perturb the whole batch's activations: one forward then
-            loss = lm_loss(model, batch, by_length=not cfg.perturb_aware)
-            ctx.backward(loss + linear_term(self.params, g))
+        if cfg.perturb_aware:  # ∇f under Vaccine's perturbation, the λ-term in the same backward
+            return vaccine_backward(model, batch, ctx, self.modules, cfg.rho, extra=linear_term(self.params, g))
+        loss = lm_loss(model, batch)
+        ctx.backward(loss + linear_term(self.params, g))
         return loss.detach()
 
     def teardown(self, model: nn.Module, ctx: Context) -> None:

@@ -18,7 +18,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
-from .base import Context, lm_loss
+from .base import Context, batch_pieces, label_count, lm_loss, piece_loss
 
 EPS = 1e-7  # added to the global norm, as in the reference
 
@@ -116,24 +116,37 @@ def shifted(modules: Sequence[nn.Module], shifts: Sequence[torch.Tensor]) -> Ite
 
 def vaccine_shifts(model: nn.Module, batch: dict[str, torch.Tensor], modules: Sequence[nn.Module],
                    rho: float) -> list[torch.Tensor]:
-    """Pass 1 of Vaccine: the perturbation e_l (global norm ρ) of each module's output."""
-    _, grads = output_grads(local_model(model), batch, modules)
-    return scale_to_radius(grads, rho)
+    """Pass 1 of Vaccine on one batch: the perturbation e_l (global norm ρ) of each module's output."""
+    return _piece_shifts(model, [batch], None, modules, rho)[0]
 
 
-@contextmanager
-def vaccine_perturbation(model: nn.Module, batch: dict[str, torch.Tensor], modules: Sequence[nn.Module],
-                         rho: float) -> Iterator[list[torch.Tensor]]:
-    """Pass 1, then keep the perturbation on ``modules`` for the caller's pass 2 (forward + backward)."""
-    shifts = vaccine_shifts(model, batch, modules, rho)
-    with shifted(modules, shifts):
-        yield shifts
+def _piece_shifts(model: nn.Module, pieces: Sequence[dict[str, torch.Tensor]], n_items: torch.Tensor | None,
+                  modules: Sequence[nn.Module], rho: float) -> list[list[torch.Tensor]]:
+    """Pass 1 over the pieces of one batch: per piece, e_l = ρ·g_l/‖g‖ with ONE norm over every module
+    and every piece (the whole batch's norm: padding positions have zero gradient)."""
+    inner, nodes, loss = local_model(model), [], 0.0
+    for piece in pieces:
+        with capture_outputs(modules) as outs:
+            loss = loss + piece_loss(inner, piece, n_items)
+        nodes += [outs[i] for i in range(len(modules))]
+    grads = torch.autograd.grad(loss, nodes, allow_unused=True)
+    flat = scale_to_radius([torch.zeros_like(n) if g is None else g.detach() for n, g in zip(nodes, grads)], rho)
+    k = len(modules)
+    return [flat[c * k:(c + 1) * k] for c in range(len(pieces))]
 
 
 def vaccine_backward(model: nn.Module, batch: dict[str, torch.Tensor], ctx: Context,
-                     modules: Sequence[nn.Module], rho: float) -> torch.Tensor:
-    """Accumulate the gradient of the perturbed alignment loss (only that one); return the loss."""
-    with vaccine_perturbation(model, batch, modules, rho):
-        loss = lm_loss(model, batch, by_length=False)
-        ctx.backward(loss)
-    return loss.detach()
+                     modules: Sequence[nn.Module], rho: float, extra: torch.Tensor | None = None) -> torch.Tensor:
+    """Accumulate the gradient of the perturbed alignment loss (only that one, plus ``extra``'s if given);
+    return the loss. Both passes run piece by piece (:func:`~hftlab.defenses.base.batch_pieces`): each
+    piece's pass 2 runs under its share of the whole batch's perturbation, so the sum is the batch's."""
+    pieces = batch_pieces(model, batch)
+    n_items = label_count(batch) if len(pieces) > 1 else None
+    shifts = _piece_shifts(model, pieces, n_items, modules, rho)
+    total = torch.zeros((), device=batch["input_ids"].device)
+    for c, (piece, e) in enumerate(zip(pieces, shifts)):
+        with shifted(modules, e):  # kept through backward: checkpointing recomputes the perturbed forward
+            loss = piece_loss(model, piece, n_items)
+            ctx.backward(loss + extra if extra is not None and c == 0 else loss)
+        total = total + loss.detach()
+    return total
