@@ -124,7 +124,7 @@ def test_bench_writes_report_folder(fast_overrides, tmp_path):
     report = run_bench(tmp_path / "report", seeds=(0,), jobs=2, runs_dir=out_dir, extra=extra,
                        defenses=["sft", "lisa", "resta"])
     table = (report / "table.md").read_text()
-    for name in ("sft", "lisa", "resta", "vs harmful ratio p", "Stress regime"):
+    for name in ("sft", "lisa", "resta", "vs harmful ratio p", "Stress regime", "10x lr", "3x epochs"):
         assert name in table
     for f in ("table.csv", "table.tex", "hs_fa_scatter.png", "hs_vs_p.png", "overhead.png"):
         assert (report / f).stat().st_size > 0

@@ -3,7 +3,7 @@
 Runs (through :mod:`hftlab.sweep`, so cached and resumable; the three parts in one scheduler):
 1. the main table: SFT and every registered defense at the default attack (p = 0.1, n = 1000), seeds;
 2. the p-sweep: HS/FA vs p ∈ {0, 0.05, 0.1, 0.2} for SFT and the P1 defenses;
-3. the stress regime: 10× the fine-tuning learning rate for SFT and the P1 defenses;
+3. the stress regime: 10× the fine-tuning learning rate, and 3× its epochs, for SFT and the P1 defenses;
 then writes a report folder: ``table.md`` (method, stage, HS, FA as mean ± std, time ratio vs SFT),
 ``table.csv``, ``table.tex``, and PNG plots (HS vs p per method, HS–FA scatter, overhead bars).
 Step-time ratios come from the stage manifests of the same runs: the seconds per optimiser step of
@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 # The core benchmark of the survey (METHODS.md priority P1), in stage order.
 P1 = ("vaccine", "booster", "repnoise", "lisa", "safeinstr", "ldifs", "constrained-sft", "safelora", "antidote")
 RATIOS = (0.0, 0.05, 0.1, 0.2)
+STRESS = (("10x lr", "lr", 10), ("3x epochs", "epochs", 3))  # (column, finetune key, factor)
 
 
 def _stage_time(result: dict[str, Any], stage: str) -> float | None:
@@ -96,16 +97,19 @@ def run_bench(out: Path, seeds: Sequence[int], jobs: int, runs_dir: str, extra: 
     p1 = ["sft", *[d for d in P1 if d in defenses]]
     seed_axis = f"seed={','.join(map(str, seeds))}"
     main_cells = plan([], [f"defense={','.join(defenses)}", seed_axis], fixed)
-    curve_cells = stress_cells = []
+    curve_cells: list = []
+    stress_cells: list[list] = []
     if sweeps:
         curve_cells = plan([], [f"defense={','.join(p1)}", f"attack.ratio={','.join(map(str, RATIOS))}",
                                 f"seed={seeds[0]}"], fixed)
-        lr = load_config(overrides=list(extra)).finetune.lr
-        stress_cells = plan([], [f"defense={','.join(p1)}", f"seed={seeds[0]}"], [*fixed, f"finetune.lr={lr * 10:g}"])
-    # One scheduler for the three parts (no barrier between them); shared cells (p = 0.1) run once.
-    results = run_cells([*main_cells, *curve_cells, *stress_cells], [], jobs, desc="bench")
+        ft = load_config(overrides=list(extra)).finetune
+        stress_cells = [plan([], [f"defense={','.join(p1)}", f"seed={seeds[0]}"],
+                             [*fixed, f"finetune.{key}={getattr(ft, key) * k:g}"]) for _, key, k in STRESS]
+    # One scheduler for every part (no barrier between them); shared cells (p = 0.1) run once.
+    results = run_cells([*main_cells, *curve_cells, *sum(stress_cells, [])], [], jobs, desc="bench")
     main, curves = results[:len(main_cells)], results[len(main_cells):len(main_cells) + len(curve_cells)]
-    stress = results[len(main_cells) + len(curve_cells):]
+    rest = results[len(main_cells) + len(curve_cells):]
+    stress = [rest[i * len(p1):(i + 1) * len(p1)] for i in range(len(stress_cells))]
     ratios = overhead(main)
     out.mkdir(parents=True, exist_ok=True)
     header, body = main_table(main, ratios)
@@ -118,9 +122,11 @@ def run_bench(out: Path, seeds: Sequence[int], jobs: int, runs_dir: str, extra: 
         md += [f"\n## HS (%) vs harmful ratio p (seed {seeds[0]})\n", render(["method", *map(str, RATIOS)], rows)]
     if stress:
         base = {value(r, "defense.name"): r for r in main if value(r, "seed") == seeds[0]}
-        rows = [[d, f"{base[d]['harmful_score']:.1f}" if d in base else "–",
-                 *(f"{r['harmful_score']:.1f}" for r in stress if value(r, "defense.name") == d)] for d in p1]
-        md += ["\n## Stress regime: HS (%) at default lr and at 10x lr\n", render(["method", "default lr", "10x lr"], rows)]
+        cols = [base] + [{value(r, "defense.name"): r for r in part} for part in stress]
+        rows = [[d, *(f"{c[d]['harmful_score']:.1f} / {c[d]['finetune_accuracy']:.1f}" if d in c else "–"
+                      for c in cols)] for d in p1]
+        md += [f"\n## Stress regime: HS / FA (%) (seed {seeds[0]})\n",
+               render(["method", "default", *(name for name, _, _ in STRESS)], rows)]
     atomic_write_text(out / "table.md", "".join(md))
     atomic_write_text(out / "table.csv", render(header, body, "csv"))
     atomic_write_text(out / "table.tex", render(header, body, "latex"))
