@@ -13,11 +13,11 @@ pytestmark = pytest.mark.slow
 
 # name -> why it is expected to fail (measured, seed 0), or "" when it reproduces
 EXPECTED: dict[str, str] = {
-    "safeinstr": "",
-    "bea": ("measured seed 0: HS 0.5 vs SFT 45.5 but FA 3.5 vs 100: the trigger, a system prompt the organism "
-            "never saw before fine-tuning, puts the final model in a refuse-everything mode (benign refusal "
-            "40 %); seeds 1/2: FA 36.25/0.0"),
-    "ptst": "",
+    "safeinstr": "",  # seeds 0/1/2: HS 14.75/32.75/23.0 vs 40.25/43.75/43.75, FA 98.8-99.8
+    "bea": ("measured seed 0: HS 0.25 vs SFT 40.25 but FA 69.0 vs 100: the trigger, a system prompt the organism "
+            "never saw before fine-tuning, also makes the final model refuse benign prompts; seeds 1/2: FA "
+            "39.25/76.0"),
+    "ptst": "",  # seed 0: HS 6.0, FA 96.25; seeds 1/2 cost FA (72.0/62.0)
 }
 
 
