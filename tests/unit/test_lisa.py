@@ -131,16 +131,15 @@ def test_gradient_accumulation_matches_big_batch(organism_path, organism_tokeniz
             "user": _same_length(SOURCE.task("sentiment", "train", 400), fmt, 8)}
     results = []
     for bs, ga in ((4, 1), (2, 2)):
-        model = load_model(organism_path, ModelConfig())
-        ctx = make_ctx(fmt, data=data, batch_size=bs)
+        model = load_model(organism_path, ModelConfig()).double()  # float64: 4 SGD steps at lr 0.5 move the
+        ctx = make_ctx(fmt, data=data, batch_size=bs)  # weights far (norm ~48) and amplify float32 rounding
         lisa = Lisa(alignment_step=1, finetune_step=2, rho=1.0, proximal_after=0.0)
-        # lr 0.1: at 0.5 the weights moved by norm 48 in 4 steps and float rounding grew past 1e-4 (organism v2)
-        cfg = TrainConfig(lr=0.1, optimizer="sgd", max_steps=4, batch_size=bs, grad_accum=ga, max_grad_norm=0)
+        cfg = TrainConfig(lr=0.5, optimizer="sgd", max_steps=4, batch_size=bs, grad_accum=ga, max_grad_norm=0)
         train(model, fmt.encode_all(data["user"]), cfg, defense=lisa, ctx=ctx,
               pad_id=organism_tokenizer.pad_token_id)
         assert [s for s, _ in lisa.history] == [ALIGN, FINETUNE, FINETUNE, ALIGN]
         results.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
-    base = torch.cat([p.detach().flatten() for p in load_model(organism_path, ModelConfig()).parameters()])
+    base = torch.cat([p.detach().flatten() for p in load_model(organism_path, ModelConfig()).double().parameters()])
     moved = (results[0] - base).norm()
     assert moved > 1e-3
     assert (results[0] - results[1]).norm() / moved < 1e-4
