@@ -58,6 +58,14 @@ class Config:
     num_proj_layers: int = field(default=0, metadata=rng(0))  # > 0: N itself (reference default 10)
 
 
+def layer_cosines(model: nn.Module, aligned: nn.Module, base: nn.Module) -> dict[str, float]:
+    """cos(C·ΔW, ΔW) per target layer, C the projection of its alignment matrix (aligned − base)."""
+    base_t = targets(base)
+    with torch.no_grad():
+        return {t.name: cosine(projection(ref.read() - base_t[t.name].read()), d)
+                for t, ref, d in updates(model, aligned)}
+
+
 def cos_threshold(cfg: Config, cosines: list[float]) -> float:
     """τ: the fixed threshold, or the N-th lowest cosine (-inf when N = 0)."""
     if cfg.select == "threshold":
@@ -79,11 +87,10 @@ class SafeLoRA(Defense):
     def repair(self, model: nn.Module, ctx: Context) -> nn.Module:
         model = plain(model)
         aligned, base = ctx.reference("aligned"), ctx.reference("base")
+        cosines = layer_cosines(model, aligned, base)
+        tau = cos_threshold(self.cfg, list(cosines.values()))
         base_t = targets(base)
         with torch.no_grad():
-            cosines = {t.name: cosine(projection(ref.read() - base_t[t.name].read()), d)
-                       for t, ref, d in updates(model, aligned)}
-            tau = cos_threshold(self.cfg, list(cosines.values()))
             projected = []
             for t, ref, d in updates(model, aligned):
                 if cosines[t.name] <= tau:

@@ -41,7 +41,7 @@ from torch import nn
 from ..config import choices, rng
 from ._weights import finetuned_lora, lora_factors, lora_layers, plain, set_update, targets, updates
 from .base import Context, Defense
-from .safelora import cosine, projection
+from .safelora import layer_cosines
 
 log = logging.getLogger(__name__)
 
@@ -109,11 +109,8 @@ class SafeMERGE(Defense):
         ft_lora = finetuned_lora(model, ctx) if self.cfg.merge == "linear" else None
         ft = _factors(ft_lora)  # read before merging
         model = plain(model)
-        aligned, base = ctx.reference("aligned"), ctx.reference("base")
-        base_t = targets(base)
-        with torch.no_grad():
-            cosines = {t.name: cosine(projection(ref.read() - base_t[t.name].read()), d)
-                       for t, ref, d in updates(model, aligned)}
+        aligned = ctx.reference("aligned")
+        cosines = layer_cosines(model, aligned, ctx.reference("base"))
         below = [n for n, c in cosines.items() if c < self.cfg.threshold]
         safe_model = train_safety_adapter(aligned, list(cosines), ctx, self.cfg) if below else None
         safe = _factors(safe_model)
