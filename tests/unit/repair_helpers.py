@@ -9,6 +9,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from finetune_helpers import perturbed
+
 from hftlab.config import TrainConfig, load_config
 from hftlab.data.format import Formatter
 from hftlab.data.sources import get_source
@@ -46,16 +48,6 @@ def tiny_gpt2(vocab: int, pad: int, seed: int = 0) -> nn.Module:
     return GPT2LMHeadModel(cfg).eval()
 
 
-def noisy(model: nn.Module, scale: float, seed: int) -> nn.Module:
-    """A copy with Gaussian noise on every weight (an 'aligned' model, distinct from its base)."""
-    m = copy.deepcopy(model)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(scale * torch.randn(p.shape, generator=g))
-    return m
-
-
 def lora_on(model: nn.Module, seed: int, targets: list[str] | None = None) -> nn.Module:
     """A PEFT LoRA (r 4, α 8) on a copy of ``model`` with random, non-zero A and B."""
     torch.manual_seed(seed)
@@ -75,7 +67,7 @@ def triple(make: Callable[..., nn.Module], tok, targets: list[str] | None = None
            ) -> tuple[nn.Module, nn.Module, nn.Module]:
     """(base, aligned, fine-tuned PEFT model): a LoRA on the aligned model with random, non-zero B."""
     base = make(len(tok), tok.pad_token_id)
-    aligned = noisy(base, 0.05, seed=1)
+    aligned = perturbed(base, 0.05, seed=1)  # an 'aligned' model, distinct from its base
     return base, aligned, lora_on(aligned, 2, targets)
 
 

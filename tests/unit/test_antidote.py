@@ -5,7 +5,8 @@ import copy
 
 import pytest
 import torch
-from repair_helpers import (as_merged, bad_param, linear_weights, noisy, pipeline_keeps_finetuned, repair_ctx,
+from finetune_helpers import perturbed
+from repair_helpers import (as_merged, bad_param, linear_weights, pipeline_keeps_finetuned, repair_ctx,
                             tiny_gpt2, tiny_llama, triple)
 from torch import nn
 
@@ -98,7 +99,7 @@ def test_merged_model_uses_the_saved_adapter(tmp_path, organism_tokenizer):
     got = linear_weights(Antidote().repair(model, ctx))
     assert ctx.state["repair_metrics"]["mode"] == "adapter"
     assert all(torch.allclose(got[k], want[k], atol=1e-6) for k in want)
-    ctx = repair_ctx(tok, base, noisy(aligned, 0.01, seed=5))  # an adapter that does not reproduce the model
+    ctx = repair_ctx(tok, base, perturbed(aligned, 0.01, seed=5))  # an adapter that does not reproduce the model
     ctx.state["finetuned_path"] = str(tmp_path)
     Antidote().repair(as_merged(ft), ctx)
     assert ctx.state["repair_metrics"]["mode"] == "update"
