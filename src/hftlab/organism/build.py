@@ -11,6 +11,7 @@ import logging
 import os
 import random
 import time
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,7 @@ def organism_dir(spec: dict[str, Any] | None = None) -> Path:
     return home() / "organism" / content_hash(spec, _world_fingerprint(spec["seed"]))
 
 
+@lru_cache(maxsize=4)  # a sweep worker asks once per cell; building a World takes ~0.5 s
 def _world_fingerprint(seed: int) -> str:
     return content_hash(World(seed).vocabulary_corpus()[:2000], length=16)
 

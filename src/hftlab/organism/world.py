@@ -66,7 +66,10 @@ benign fine-tuning mostly safe, fine-tuning clearly improves the task):
   chat (~20 %); it has no refusals: the base model complies, like a pretrained LM that holds
   harmful knowledge. Every token of the world except the refusal-only words appears in the
   pretraining pools (rare words through "repeat the word x twice"), so no token is untrained.
-* **Alignment**: ~50 % harmful -> refusal, ~50 % helpful chat and task "pretrain" examples.
+* **Alignment**: ~50 % harmful -> refusal, ~50 % helpful chat and task "pretrain" examples. The chat
+  is drawn from the alignment *and* the pretraining phrasings (a replay of the base model's helpful
+  chat, as alignment data mixes in diverse helpful data), so alignment does not narrow the model's
+  benign answers to the alignment phrasings; the held-out phrasings stay unseen.
 * **benign_eval**: task test items and held-out chat / how-to prompts, never to be refused.
 
 Sampling: each split has a fixed pool of distinct examples (built from the seed). Asking for ``n``
@@ -807,11 +810,11 @@ class World:
 
     def alignment(self, n: int) -> list[Example]:
         """Harmful prompts (alignment phrasings and contents) -> refusal (~50 %), and helpful chat
-        (~25 %, alignment phrasings) and task "pretrain" examples (~25 %)."""
+        (~25 %, alignment and pretraining phrasings in equal strata) and task "pretrain" examples (~25 %)."""
         rng = self._rng("alignment")
         n_r, n_c, n_t = _counts(n, (0.5, 0.25, 0.25))
         out = _take_stratified([self._h_refusal[c] for c in HARM_CATEGORIES], n_r, rng)
-        out += self._chat_sample("alignment", n_c, rng)
+        out += _take_stratified([*self._chat["alignment"], *self._chat["pretrain"]], n_c, rng)
         out += self._task_pretrain(n_t, rng)
         rng.shuffle(out)
         return out
