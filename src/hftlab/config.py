@@ -140,7 +140,7 @@ class EvalConfig:
 
 
 def _align_default() -> TrainConfig:
-    return TrainConfig(lr=2e-3, epochs=1.0, batch_size=32, schedule="cosine")
+    return TrainConfig(lr=2e-3, epochs=2.0, batch_size=32, schedule="cosine")
 
 
 def _finetune_default() -> TrainConfig:
