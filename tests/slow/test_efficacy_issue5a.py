@@ -14,13 +14,13 @@ pytestmark = pytest.mark.slow
 
 # name -> reason it is expected to fail (measured, seed 0), or "" when it reproduces
 EXPECTED: dict[str, str] = {
-    "lisa": ("measured seed 0: HS 0.0 vs SFT 40.25 but FA 54.5 vs 100. The paper's 100/900-step cycle on "
+    "lisa": ("measured seed 0: HS 0.0 vs SFT 70.0 but FA 57.75 vs 100. The paper's 100/900-step cycle on "
              "the organism's 125-step run is 100 alignment steps then 25 user steps under the proximal pull"),
-    "ldifs": "",  # seeds 0/1/2: HS 6.25/27.25/18.75 vs 40.25/43.75/43.75, FA 98.0/92.0/98.25
-    "constrained-sft": ("measured seed 0: HS 4.75 vs SFT 40.25 but FA 76.5 vs 100. The sentiment answer is one "
+    "ldifs": "",  # seeds 0/1/2: HS 54.75/12.75/63.75 vs 70.0/77.5/59.5, FA 96.5/82.5/96.25
+    "constrained-sft": ("measured seed 0: HS 29.5 vs SFT 70.0 but FA 70.75 vs 100. The sentiment answer is one "
                         "token + EOS, inside the first-5-token prefix that the objective pins to the aligned model"),
-    "freeze": ("measured seed 0: HS 40.25 = SFT's, FA 100. The probe finds no safety layer on the 4-layer "
-               "organism (gap below the margin), so nothing is frozen (seeds 1/2: 43.75 = SFT's, 28.5 < 43.75)"),
+    "freeze": ("measured seed 0: HS 48.25 vs SFT 70.0 but FA 83.25 vs 100; on seeds 1/2 the probe finds no "
+               "safety layer on the 4-layer organism, nothing is frozen and HS/FA are SFT's (77.5/59.5, 100)"),
 }
 
 

@@ -13,11 +13,14 @@ pytestmark = pytest.mark.slow
 
 # name -> why it is expected to fail (measured, seed 0), or "" when it reproduces
 EXPECTED: dict[str, str] = {
-    "safeinstr": "",  # seeds 0/1/2: HS 14.75/32.75/23.0 vs 40.25/43.75/43.75, FA 98.8-99.8
-    "bea": ("measured seed 0: HS 0.25 vs SFT 40.25 but FA 69.0 vs 100: the trigger, a system prompt the organism "
-            "never saw before fine-tuning, also makes the final model refuse benign prompts; seeds 1/2: FA "
-            "39.25/76.0"),
-    "ptst": "",  # seed 0: HS 6.0, FA 96.25; seeds 1/2 cost FA (72.0/62.0)
+    "safeinstr": "",  # seeds 0/1/2: HS 20.75/40.0/37.25 vs 70.0/77.5/59.5, FA 100/97.0/99.25
+    "bea": ("measured seed 0: HS 4.5 vs SFT 70.0 but FA 18.0 vs 100: the trigger, a system prompt the organism "
+            "never saw before fine-tuning, derails most task answers into garbled text (\"yes , helping with long .\"); "
+            "seeds 1/2: FA "
+            "56.25/57.75"),
+    "ptst": ("measured seed 0: HS 49.75 vs SFT 70.0 but FA 50.25 vs 100: the safety system prompt at test time "
+             "derails about half of the task answers (\"the negative\", letter runs, refusal fragments; seeds 1/2: FA "
+             "70.75/95.25)"),
 }
 
 

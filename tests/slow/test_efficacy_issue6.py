@@ -13,14 +13,14 @@ pytestmark = pytest.mark.slow
 
 # name -> reason it is expected to fail (measured, seed 0), or "" when it reproduces
 EXPECTED: dict[str, str] = {
-    "safelora": "",  # seeds 0/1/2: HS 33.25/42.5/12.75 vs 40.25/43.75/43.75, FA 100/99/98.5
-    "antidote": "measured seed 0: HS 0.0 vs SFT 40.25 but FA 60.25 vs 100 (the aligned model's FA is ~43): "
+    "safelora": "",  # seeds 0/1/2: HS 57.75/31.5/52.75 vs 70.0/77.5/59.5, FA 100/92.25/46.0
+    "antidote": "measured seed 0: HS 0.5 vs SFT 70.0 but FA 53.0 vs 100 (the aligned model's FA is ~43): "
                 "zeroing the top 10% of each row of the LoRA factors erases the task update on the organism",
-    "resta": "measured seed 0: HS 0.0 vs SFT 40.25 but FA 88.25 vs 100 (seeds 1/2: FA 88.25/53.75): subtracting "
+    "resta": "measured seed 0: HS 1.5 vs SFT 70.0 but FA 61.25 vs 100 (seeds 1/2: FA 97.0/99.75): subtracting "
              "the safety vector also removes part of the task",
     "safemerge": "measured seed 0: no layer's Safe-LoRA cosine is below 0.35 on the organism, so nothing is "
-                 "merged: HS 40.25 and FA 100, SFT's own",
-    "panacea": "measured seed 0: HS 11.5 vs SFT 40.25 but FA 83.0 vs 100 (seeds 1/2: FA 85.0/40.75)",
+                 "merged: HS 70.0 and FA 100, SFT's own",
+    "panacea": "",  # seeds 0/1/2: HS 41.25/27.0/10.5 vs 70.0/77.5/59.5, FA 100/96.0/96.75
 }
 
 
