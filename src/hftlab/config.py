@@ -140,6 +140,8 @@ class EvalConfig:
 
 
 def _align_default() -> TrainConfig:
+    """The organism's alignment: full fine-tuning, lr 2e-3 decayed (cosine, which keeps benign answers
+    better than a constant lr), 2 epochs (1 epoch made the alignment-stage defenses ineffective)."""
     return TrainConfig(lr=2e-3, epochs=2.0, batch_size=32, schedule="cosine")
 
 
