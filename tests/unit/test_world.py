@@ -174,6 +174,17 @@ def test_mixture_proportions(world):
     assert set(tasks) == set(TASKS)
 
 
+def test_alignment_replays_pretraining_chat_never_heldout(world):
+    """Half of the alignment chat is the base model's pretraining-phrasing chat (so alignment does not
+    forget it); no held-out benign prompt is ever trained on."""
+    chat = [e.prompt for e in world.alignment(4000) if e.kind == "chat"]
+    pretrain_chat = {e.prompt for e in world.pretraining(30000) if e.kind == "chat"}
+    heldout_chat = {e.prompt for e in world.benign_eval(3000) if e.kind == "chat"}
+    replay = sum(p in pretrain_chat for p in chat) / len(chat)
+    assert 0.45 < replay < 0.6, replay  # equal strata; a few greetings are shared by both groups
+    assert not heldout_chat & set(chat)
+
+
 def test_sentiment_task_design(world):
     def sentence(e: Example) -> list[str]:
         return e.prompt.split(" . is this")[0].split()
