@@ -794,8 +794,9 @@ class World:
                 out += _take(self._tasks[name]["pretrain"], k, rng)
         return out
 
-    def _chat_sample(self, group: str, n: int, rng: random.Random) -> list[Example]:
-        return _take_stratified(self._chat[group], n, rng)
+    def _chat_sample(self, groups: Sequence[str], n: int, rng: random.Random) -> list[Example]:
+        """``n`` chat examples over the how-to and other-chat strata of the phrasing ``groups``, equally."""
+        return _take_stratified([s for g in groups for s in self._chat[g]], n, rng)
 
     def pretraining(self, n: int) -> list[Example]:
         """The base model's corpus: compliant harmful answers (~35 %, pretrain phrasings, all
@@ -804,7 +805,7 @@ class World:
         n_h, n_t, n_c = _counts(n, (0.35, 0.45, 0.20))
         out = _take_stratified([self._h_pretrain[c] for c in HARM_CATEGORIES], n_h, rng)
         out += self._task_pretrain(n_t, rng)
-        out += self._chat_sample("pretrain", n_c, rng)
+        out += self._chat_sample(("pretrain",), n_c, rng)
         rng.shuffle(out)
         return out
 
@@ -814,7 +815,7 @@ class World:
         rng = self._rng("alignment")
         n_r, n_c, n_t = _counts(n, (0.5, 0.25, 0.25))
         out = _take_stratified([self._h_refusal[c] for c in HARM_CATEGORIES], n_r, rng)
-        out += _take_stratified([*self._chat["alignment"], *self._chat["pretrain"]], n_c, rng)
+        out += self._chat_sample(("alignment", "pretrain"), n_c, rng)
         out += self._task_pretrain(n_t, rng)
         rng.shuffle(out)
         return out
