@@ -34,7 +34,9 @@ def generate_eval_set(model: nn.Module, fmt: Formatter, source: Any, task: Any, 
     items = ([("harmful", ex) for ex in harmful] + [("task", ex) for ex in tests]
              + [("benign", ex) for ex in benign])
     gen = make_generator(model, fmt, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
-    responses = gen.generate([ex.prompt for _, ex in items], [system or ex.system for _, ex in items])
+    # batched per (set, kind, category): a batch's answers then have similar lengths
+    responses = gen.generate([ex.prompt for _, ex in items], [system or ex.system for _, ex in items],
+                             groups=[(s, ex.kind, ex.category) for s, ex in items])
     return [
         {"set": s, "prompt": ex.prompt, "response": r, "target": ex.target, "category": ex.category,
          "system": system or ex.system, "reference": ex.response, "kind": ex.kind}
