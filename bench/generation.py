@@ -1,7 +1,7 @@
 """Batched vs one-prompt-at-a-time generation on the organism, and batches grouped by eval set vs
 mixed: speed ratios and identical outputs.
 
-    python bench/generation.py [--n 256] [--batch 128] [--max-new-tokens 40]
+    python bench/generation.py [--n 256] [--batch 128] [--max-new-tokens 40] [--model DIR]
 
 Every run uses :class:`hftlab.eval.generate.HFGenerator` (greedy, KV cache) on the same held-out
 harmful, task and benign prompts (a third each); batched runs sort by length and left-pad. "grouped"
@@ -25,6 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--max-new-tokens", type=int, default=40)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--model", default="", help="a saved model folder, e.g. a run's finetune stage "
+                    "(default: the organism's base model, which complies with every harmful prompt)")
     args = ap.parse_args(argv)
 
     import torch
@@ -38,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     path = ensure_organism()
-    model, tok = load_model(path, ModelConfig()), load_tokenizer(path, ModelConfig())
+    model, tok = load_model(args.model or path, ModelConfig()), load_tokenizer(path, ModelConfig())
     src = get_source("organism")
     k = args.n // 3
     sets = {"harmful": [e.prompt for e in src.harmful("eval", k)],
