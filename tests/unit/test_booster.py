@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import pytest
@@ -94,6 +95,22 @@ def test_perturb_aware_is_booster_plus_vaccine(organism, fmt, mixed):
 
 def test_gradient_accumulation(organism, fmt):
     accumulation_matches(lambda: Booster(), organism, fmt)
+
+
+def test_diagnostics_logged_per_step(organism, fmt, tmp_path):
+    """losses.jsonl carries h(w), h after the simulated harmful step and ‖∇h‖ at every step; the step
+    descends h (α small), and the logged h is the harmful batch's loss at the weights of that step."""
+    ctx = make_ctx(fmt)
+    seen = _recording(ctx)
+    start = copy.deepcopy(organism)
+    log = tmp_path / "losses.jsonl"
+    train(organism, fmt.encode_all(ctx.data["alignment"]), TrainConfig(lr=1e-3, max_steps=3, batch_size=4),
+          defense=Booster(alpha=0.01), ctx=ctx, log_path=log)
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for r in rows:
+        assert r["harmful_grad_norm"] > 0 and r["harmful_loss_after_step"] < r["harmful_loss"]
+    assert rows[0]["harmful_loss"] == pytest.approx(float(loss_of(start, seen[0])), rel=1e-4)
 
 
 def test_missing_harmful_set_fails_before_training(organism, fmt):

@@ -42,6 +42,9 @@ class Context:
     loaders: dict[str, Callable[[], nn.Module]] = field(default_factory=dict)  # "aligned", "base"
     batch_size: int = 0
     state: dict[str, Any] = field(default_factory=dict)  # a defense's own scratch space
+    # scalars a defense reports for the current optimiser step (tensors may stay on the device); the loop
+    # writes them next to the loss in ``losses.jsonl`` and clears them after each step
+    step_metrics: dict[str, Any] = field(default_factory=dict)
     _refs: dict[str, nn.Module] = field(default_factory=dict)
     _iters: dict[str, Iterator[dict[str, torch.Tensor]]] = field(default_factory=dict)
 

@@ -57,22 +57,26 @@ class Config:
 
 
 def harmful_directions(model: nn.Module, params: list[nn.Parameter], batch: dict[str, torch.Tensor],
-                       alpha: float) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
-    """(∇h(w), ∇h(w − α·∇h/‖∇h‖), h(w)) on one harmful batch; ``params`` are left exactly as found."""
+                       alpha: float) -> tuple[list[torch.Tensor], list[torch.Tensor], dict[str, torch.Tensor]]:
+    """(∇h(w), ∇h(w − α·∇h/‖∇h‖), diagnostics) on one harmful batch; ``params`` are left exactly as found.
+    The diagnostics are h(w), h after the simulated step and ‖∇h(w)‖ (Booster minimises the drop)."""
     h = lm_loss(model, batch)
     g = _grads(h, params)
-    step = alpha / (global_norm(g) + EPS)
+    norm = global_norm(g)
+    step = alpha / (norm + EPS)
     backup = [p.detach().clone() for p in params]
     try:
         with torch.no_grad():
             for p, gi in zip(params, g):
                 p.sub_(gi * step.to(gi.dtype))
-        g_pert = _grads(lm_loss(model, batch), params)
+        h_pert = lm_loss(model, batch)
+        g_pert = _grads(h_pert, params)
     finally:
         with torch.no_grad():
             for p, b in zip(params, backup):
                 p.copy_(b)
-    return g, g_pert, h.detach()
+    return g, g_pert, {"harmful_loss": h.detach(), "harmful_loss_after_step": h_pert.detach(),
+                       "harmful_grad_norm": norm}
 
 
 def _grads(loss: torch.Tensor, params: list[nn.Parameter]) -> list[torch.Tensor]:
@@ -100,7 +104,9 @@ class Booster(Defense):
 
     def backward(self, model: nn.Module, batch: dict[str, torch.Tensor], ctx: Context) -> torch.Tensor:
         cfg = self.cfg
-        g, g_pert, _ = harmful_directions(local_model(model), self.params, ctx.next_batch("harmful"), cfg.alpha)
+        g, g_pert, diagnostics = harmful_directions(local_model(model), self.params, ctx.next_batch("harmful"),
+                                                    cfg.alpha)
+        ctx.step_metrics.update(diagnostics)  # logged per step in losses.jsonl
         with torch.no_grad():
             for gi, gp in zip(g, g_pert):  # λ·(∇h(w) − ∇h(w')), in place to save memory
                 gi.sub_(gp).mul_(cfg.lamb)

@@ -9,8 +9,9 @@ gradient), clip, step, ``defense.on_step_end``. Features:
 - gradient clipping (``max_grad_norm``, 0 = off); warm-up + constant/linear/cosine schedule;
 - bf16 when a GPU is present (the model is loaded in bf16; no autocast needed);
 - DDP/FSDP/DeepSpeed when launched with ``accelerate launch`` (``batch_size`` is the global batch);
-- a progress bar on stderr, and ``losses.jsonl`` (step, loss, lr) in the stage folder; losses stay on
-  the device and reach the host every ``LOG_EVERY`` steps (one sync, not one per step).
+- a progress bar on stderr, and ``losses.jsonl`` (step, loss, lr, and the scalars the defense put in
+  ``ctx.step_metrics``) in the stage folder; losses stay on the device and reach the host every
+  ``LOG_EVERY`` steps (one sync, not one per step).
 """
 from __future__ import annotations
 
@@ -129,19 +130,21 @@ def train(
     bar = tqdm(total=steps, desc=desc, disable=not acc.is_local_main_process, leave=False,
                dynamic_ncols=True, mininterval=1.0)
     start = time.time()
-    pending: list[tuple[int, torch.Tensor, float]] = []  # losses stay on the device until logged
+    # (step, loss, lr, defense scalars): tensors stay on the device until logged
+    pending: list[tuple[int, torch.Tensor, float, dict[str, Any]]] = []
 
     def flush() -> None:
         """Bring pending losses to the host in one sync: check, log, show (every LOG_EVERY steps)."""
         if not pending:
             return
-        values = torch.stack([l for _, l, _ in pending]).float().cpu().tolist()
-        for (step_no, _, lr), value in zip(pending, values):
+        values = torch.stack([l for _, l, _, _ in pending]).float().cpu().tolist()
+        for (step_no, _, lr, extra), value in zip(pending, values):
             if not math.isfinite(value):
                 raise FloatingPointError(f"{desc}: loss is {value} at step {step_no}")
             result.losses.append(value)
             if log_file:
-                log_file.write(json.dumps({"step": step_no, "loss": value, "lr": lr}) + "\n")
+                extra = {k: float(v) for k, v in extra.items()}
+                log_file.write(json.dumps({"step": step_no, "loss": value, "lr": lr, **extra}) + "\n")
         if log_file:
             log_file.flush()
         bar.set_postfix(loss=f"{values[-1]:.3f}", refresh=False)
@@ -165,7 +168,8 @@ def train(
                 ctx.micro_step += 1
             ctx.step = step + 1
             defense.on_step_end(model, ctx)
-            pending.append((step + 1, step_loss, sched.get_last_lr()[0]))
+            pending.append((step + 1, step_loss, sched.get_last_lr()[0], dict(ctx.step_metrics)))
+            ctx.step_metrics.clear()
             if len(pending) >= LOG_EVERY or step + 1 == steps:
                 flush()
             bar.update(1)
