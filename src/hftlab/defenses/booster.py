@@ -29,6 +29,13 @@ Deviations:
   (r=32, lora_alpha=4, B=0 at start), the organism's default alignment is full fine-tuning, so the same
   α=0.1 moves a ~1M-parameter model much further. Note: the reference's rule itself descends h through
   +λ∇h(w) (curvature term λα·Hĝ); on the organism this keeps the aligned model's harmful loss low.
+
+On the organism (measured with the per-step diagnostics this file logs, seed 0, full fine-tuning): h
+stays at 0.12–0.17 per token through alignment (0.095 at the base model) with a cosine or a constant
+lr alike. What differs is the first answer token, where refusal is decided: with the default cosine
+decay the aligned model refuses 3 % of its own training prompts when generating (SFT: 100 %), with a
+constant lr 100 %. The per-token mean loss hides that one-token decision, so the refusal loss and the
+λ-term meet at a knife edge that the schedule tips.
 """
 from __future__ import annotations
 
