@@ -180,3 +180,17 @@ def accumulation_matches(make_defense: Callable[[], Any], model: nn.Module, fmt:
 
     together, g1, g2 = run([0, 1], 2), run([0], 1), run([1], 1)
     assert_grads_close(together, {n: (g1[n] + g2[n]) / 2 for n in g1})
+
+
+def logged_steps(defense: Any, model: nn.Module, fmt: Formatter, tmp_path, steps: int = 3,
+                 ctx: Context | None = None) -> list[dict[str, float]]:
+    """Train ``steps`` alignment steps with ``defense`` and return the rows of its ``losses.jsonl``."""
+    import json
+
+    ctx = ctx or make_ctx(fmt)
+    log = tmp_path / "losses.jsonl"
+    train(model, fmt.encode_all(ctx.data["alignment"]), TrainConfig(lr=1e-3, max_steps=steps, batch_size=4),
+          defense=defense, ctx=ctx, log_path=log)
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, steps + 1))
+    return rows

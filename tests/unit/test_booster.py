@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 
 import pytest
 import torch
-from align_helpers import (accumulation_matches, assert_grads_close, batch, grads, loss_of, make_ctx, mixed_batch,  # noqa: F401,E501
-                           organism, param_grads, second_arch_trains, vaccine_direct)
+from align_helpers import (accumulation_matches, assert_grads_close, batch, grads, logged_steps, loss_of, make_ctx,  # noqa: F401,E501
+                           mixed_batch, organism, param_grads, second_arch_trains, vaccine_direct)
 
 from hftlab.config import ConfigError, TrainConfig, load_config
 from hftlab.data.format import Formatter
@@ -103,11 +102,7 @@ def test_diagnostics_logged_per_step(organism, fmt, tmp_path):
     ctx = make_ctx(fmt)
     seen = _recording(ctx)
     start = copy.deepcopy(organism)
-    log = tmp_path / "losses.jsonl"
-    train(organism, fmt.encode_all(ctx.data["alignment"]), TrainConfig(lr=1e-3, max_steps=3, batch_size=4),
-          defense=Booster(alpha=0.01), ctx=ctx, log_path=log)
-    rows = [json.loads(line) for line in log.read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 2, 3]
+    rows = logged_steps(Booster(alpha=0.01), organism, fmt, tmp_path, ctx=ctx)
     for r in rows:
         assert r["harmful_grad_norm"] > 0 and r["harmful_loss_after_step"] < r["harmful_loss"]
     assert rows[0]["harmful_loss"] == pytest.approx(float(loss_of(start, seen[0])), rel=1e-4)

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from align_helpers import (accumulation_matches, assert_grads_close, batch, grads, loss_of, make_ctx,  # noqa: F401
+from align_helpers import (accumulation_matches, assert_grads_close, batch, grads, logged_steps, loss_of, make_ctx,  # noqa: F401
                            organism, param_grads, second_arch_trains)
 
 from hftlab.config import ConfigError, load_config
@@ -56,6 +56,12 @@ def terms_direct(model, hb):
     for h in out.hidden_states:  # logit lens at every hidden state (the last one normed twice)
         h_sum = h_sum + ce(model.lm_head(model.model.norm(h)))
     return noise, h_sum / len(out.hidden_states)
+
+
+def test_terms_logged_per_step(organism, fmt, tmp_path):
+    rows = logged_steps(RepNoise(), organism, fmt, tmp_path)
+    for r in rows:
+        assert r["noise_mmd"] > 0 and r["harmful_lens_loss"] > 0
 
 
 def test_mmd_matches_the_reference_form():

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from align_helpers import (accumulation_matches, assert_grads_close, attention_output_grads, batch, grads,  # noqa: F401
-                           make_ctx, mixed_batch, organism, second_arch_trains, tiny_gpt2, vaccine_direct)
+                           logged_steps, make_ctx, mixed_batch, organism, second_arch_trains, tiny_gpt2, vaccine_direct)
 
 from hftlab.config import ConfigError, TrainConfig, load_config
 from hftlab.data.format import Formatter
@@ -81,6 +81,13 @@ def test_backward_is_the_perturbed_loss_gradient(organism, fmt, rho, mixed):
     if rho:
         _, clean = vaccine_direct(organism, b, 0.0)
         assert any(not torch.allclose(want[n], clean[n]) for n in want), "ρ=2 must change the gradient"
+
+
+def test_unperturbed_loss_logged_below_the_perturbed_one(organism, fmt, tmp_path):
+    """losses.jsonl has the perturbed loss (the one trained on) and pass 1's unperturbed loss; the
+    perturbation is an ascent step, so the first is the larger."""
+    for r in logged_steps(Vaccine(rho=2.0), organism, fmt, tmp_path):
+        assert r["loss"] > r["unperturbed_loss"] > 0
 
 
 def test_gradient_accumulation(organism, fmt):

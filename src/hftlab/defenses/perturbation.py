@@ -117,13 +117,14 @@ def shifted(modules: Sequence[nn.Module], shifts: Sequence[torch.Tensor]) -> Ite
 def vaccine_shifts(model: nn.Module, batch: dict[str, torch.Tensor], modules: Sequence[nn.Module],
                    rho: float) -> list[torch.Tensor]:
     """Pass 1 of Vaccine on one batch: the perturbation e_l (global norm ρ) of each module's output."""
-    return _piece_shifts(model, [batch], None, modules, rho)[0]
+    return _piece_shifts(model, [batch], None, modules, rho)[0][0]
 
 
 def _piece_shifts(model: nn.Module, pieces: Sequence[dict[str, torch.Tensor]], n_items: torch.Tensor | None,
-                  modules: Sequence[nn.Module], rho: float) -> list[list[torch.Tensor]]:
+                  modules: Sequence[nn.Module], rho: float) -> tuple[list[list[torch.Tensor]], torch.Tensor]:
     """Pass 1 over the pieces of one batch: per piece, e_l = ρ·g_l/‖g‖ with ONE norm over every module
-    and every piece (the whole batch's norm: padding positions have zero gradient)."""
+    and every piece (the whole batch's norm: padding positions have zero gradient); and the batch's
+    unperturbed loss."""
     inner, nodes, loss = local_model(model), [], 0.0
     for piece in pieces:
         with capture_outputs(modules) as outs:
@@ -132,17 +133,19 @@ def _piece_shifts(model: nn.Module, pieces: Sequence[dict[str, torch.Tensor]], n
     grads = torch.autograd.grad(loss, nodes, allow_unused=True)
     flat = scale_to_radius([torch.zeros_like(n) if g is None else g.detach() for n, g in zip(nodes, grads)], rho)
     k = len(modules)
-    return [flat[c * k:(c + 1) * k] for c in range(len(pieces))]
+    return [flat[c * k:(c + 1) * k] for c in range(len(pieces))], loss.detach()
 
 
 def vaccine_backward(model: nn.Module, batch: dict[str, torch.Tensor], ctx: Context,
                      modules: Sequence[nn.Module], rho: float, extra: torch.Tensor | None = None) -> torch.Tensor:
     """Accumulate the gradient of the perturbed alignment loss (only that one, plus ``extra``'s if given);
-    return the loss. Both passes run piece by piece (:func:`~hftlab.defenses.base.batch_pieces`): each
-    piece's pass 2 runs under its share of the whole batch's perturbation, so the sum is the batch's."""
+    return the (perturbed) loss; the unperturbed one goes to ``ctx.step_metrics``. Both passes run piece by
+    piece (:func:`~hftlab.defenses.base.batch_pieces`): each piece's pass 2 runs under its share of the
+    whole batch's perturbation, so the sum is the batch's."""
     pieces = batch_pieces(model, batch)
     n_items = label_count(batch) if len(pieces) > 1 else None
-    shifts = _piece_shifts(model, pieces, n_items, modules, rho)
+    shifts, unperturbed = _piece_shifts(model, pieces, n_items, modules, rho)
+    ctx.step_metrics["unperturbed_loss"] = unperturbed
     total = torch.zeros((), device=batch["input_ids"].device)
     for c, (piece, e) in enumerate(zip(pieces, shifts)):
         with shifted(modules, e):  # kept through backward: checkpointing recomputes the perturbed forward

@@ -127,4 +127,5 @@ class RepNoise(Defense):
         noise_term, harmful = harmful_terms(model, ctx.next_batch("harmful"), cfg.kernels, cfg.kernel_mul)
         adversarial = cfg.beta * noise_term - cfg.alpha * torch.log(harmful + 1.0)
         ctx.backward(adversarial)
+        ctx.step_metrics.update(noise_mmd=noise_term.detach(), harmful_lens_loss=harmful.detach())  # losses.jsonl
         return harmless.detach() + adversarial.detach()
