@@ -105,7 +105,7 @@ def test_diagnostics_logged_per_step(organism, fmt, tmp_path):
     rows = logged_steps(Booster(alpha=0.01), organism, fmt, tmp_path, ctx=ctx)
     for r in rows:
         assert r["harmful_grad_norm"] > 0 and r["harmful_loss_after_step"] < r["harmful_loss"]
-    assert rows[0]["harmful_loss"] == pytest.approx(float(loss_of(start, seen[0])), rel=1e-4)
+    assert rows[0]["harmful_loss"] == pytest.approx(float(loss_of(start, seen[0]).detach()), rel=1e-4)
 
 
 def test_missing_harmful_set_fails_before_training(organism, fmt):
