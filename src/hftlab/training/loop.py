@@ -137,17 +137,19 @@ def train(
         """Bring pending losses to the host in one sync: check, log, show (every LOG_EVERY steps)."""
         if not pending:
             return
-        values = torch.stack([l for _, l, _, _ in pending]).float().cpu().tolist()
-        for (step_no, _, lr, extra), value in zip(pending, values):
+        # every step's loss then its defense scalars, in one tensor: one transfer to the host
+        flat = iter(torch.stack([torch.as_tensor(v, device=acc.device).float().reshape(())
+                                 for _, loss, _, extra in pending for v in (loss, *extra.values())]).cpu().tolist())
+        for step_no, _, lr, extra in pending:
+            value, scalars = next(flat), {k: next(flat) for k in extra}
             if not math.isfinite(value):
                 raise FloatingPointError(f"{desc}: loss is {value} at step {step_no}")
             result.losses.append(value)
             if log_file:
-                extra = {k: float(v) for k, v in extra.items()}
-                log_file.write(json.dumps({"step": step_no, "loss": value, "lr": lr, **extra}) + "\n")
+                log_file.write(json.dumps({"step": step_no, "loss": value, "lr": lr, **scalars}) + "\n")
         if log_file:
             log_file.flush()
-        bar.set_postfix(loss=f"{values[-1]:.3f}", refresh=False)
+        bar.set_postfix(loss=f"{result.losses[-1]:.3f}", refresh=False)
         pending.clear()
 
     try:
