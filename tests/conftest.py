@@ -6,6 +6,10 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The tests check maths against direct computations in fp32 on the CPU, so they pin the Accelerator (and with
+# it every model and judge) to the CPU, also on a machine with a GPU. bench/gpu_check.sh runs the end-to-end
+# tests on the GPU with ACCELERATE_USE_CPU=0.
+os.environ.setdefault("ACCELERATE_USE_CPU", "1")
 os.environ.setdefault("HFTLAB_HOME", str(Path(__file__).resolve().parents[1] / ".hftlab"))
 
 import pytest  # noqa: E402

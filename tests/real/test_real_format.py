@@ -8,7 +8,7 @@ import torch
 from hftlab.config import ModelConfig, TrainConfig
 from hftlab.data.example import Example
 from hftlab.data.format import ALPACA, ALPACA_INPUT, Formatter, with_input
-from hftlab.models.loading import ModelLoadError, add_lora, load_model, load_tokenizer, lora_target_names
+from hftlab.models.loading import ModelLoadError, add_lora, device, load_model, load_tokenizer, lora_target_names
 from real import tiny
 
 
@@ -75,7 +75,7 @@ def test_lora_targets_by_module_type(models, tmp_path):
 def test_loading_options(models, tmp_path):
     model = load_model(models["plain"], ModelConfig(gradient_checkpointing=True))
     assert model.is_gradient_checkpointing and model.config.use_cache is False
-    assert next(model.parameters()).dtype == (torch.bfloat16 if torch.cuda.is_available() else torch.float32)
+    assert next(model.parameters()).dtype == (torch.bfloat16 if device().type == "cuda" else torch.float32)
     pickled = tmp_path / "pickled"  # a checkpoint with pickled weights only (as many older hub models)
     model.config.save_pretrained(pickled)
     torch.save(model.state_dict(), pickled / "pytorch_model.bin")

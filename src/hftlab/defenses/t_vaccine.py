@@ -87,8 +87,9 @@ def layer_probabilities(scores: torch.Tensor) -> torch.Tensor:
 
 
 def sample_layers(probs: torch.Tensor, k: int, generator: torch.Generator) -> list[int]:
-    """k distinct layers, drawn one after another in proportion to ``probs`` (as numpy's choice)."""
-    probs = probs.clamp_min(1e-12)  # a zero score must not make k distinct draws impossible
+    """k distinct layers, drawn one after another in proportion to ``probs`` (as numpy's choice); drawn on
+    the CPU with the CPU ``generator``, so a GPU run samples the same layers as a CPU run."""
+    probs = probs.detach().float().cpu().clamp_min(1e-12)  # a zero score must not make k distinct draws impossible
     return sorted(torch.multinomial(probs, k, replacement=False, generator=generator).tolist())
 
 

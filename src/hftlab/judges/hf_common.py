@@ -25,11 +25,14 @@ def resolve(name: str, model: str, default: str) -> str:
 
 
 def judge_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """The training device (a judge runs in the process that evaluates)."""
+    from ..models.loading import device
+
+    return device()
 
 
 def judge_dtype() -> torch.dtype:
-    return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return torch.bfloat16 if judge_device().type == "cuda" else torch.float32
 
 
 def load(auto_cls: Any, path: str, judge: str, revision: str | None = None, allow_pickle: bool = False,
