@@ -1,6 +1,7 @@
 """Alignment-stage defenses (issue 4): step time as a ratio to SFT's, and peak memory, in ONE process.
 
     python -m bench.alignment_defenses [--steps 12] [--batch-size 32] [--lora] [--harmful-like-alignment]
+    python -m bench.alignment_defenses --shape llama-1b --lora   # on a GPU: the methods at 1B scale
 
 Every method trains a fresh copy of the organism (full fine-tuning, as the default align stage, or
 LoRA with ``--lora``) on the SAME pre-built alignment batches with the loop's optimiser step, so the
@@ -13,6 +14,11 @@ steps, the peak being reset before each method via /proc/self/clear_refs (on CUD
 The organism's harmful answers are about twice as long as its alignment examples, so each harmful
 pass costs about 1.6× an alignment pass; ``--harmful-like-alignment`` draws the "harmful" batches
 from the alignment set instead (same lengths), to show the methods' pass overhead on its own.
+
+``--shape llama-1b`` replaces the organism's weights by a randomly initialised Llama of the Llama-3.2-1B
+shape (hidden 2048, 16 layers, 32 heads, 8 KV heads, intermediate 8192; the organism's vocabulary, so the
+embedding is small) in bf16 on a GPU: the same data and methods, at a size where a
+GPU is busy with the matrices rather than with kernel launches.
 
 Targets (issue 4): Vaccine ≤ 1.8×, Booster ≤ 3.1×, RepNoise ≤ 2.2×, T-Vaccine below Vaccine in memory.
 """
@@ -100,9 +106,22 @@ class Peak:
         self.mib = max(0, peak - self.start) / 2 ** 20
 
 
-def _batches(fmt: Formatter, data: list, n: int, bs: int) -> list[dict[str, torch.Tensor]]:
+def random_llama_1b(vocab: int, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
+    """A random-init ``LlamaForCausalLM`` of the Llama-3.2-1B shape with the given vocabulary."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+                      intermediate_size=8192, vocab_size=vocab, max_position_embeddings=4096,
+                      tie_word_embeddings=True, head_dim=64, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    with torch.device(device):
+        return LlamaForCausalLM(cfg).to(dtype)
+
+
+def _batches(fmt: Formatter, data: list, n: int, bs: int,
+             device: torch.device = torch.device("cpu")) -> list[dict[str, torch.Tensor]]:
     feats = fmt.encode_all(data[: n * bs])
-    return [fmt.collate(feats[i * bs: (i + 1) * bs]) for i in range(n)]
+    return [{k: v.to(device) for k, v in fmt.collate(feats[i * bs: (i + 1) * bs]).items()} for i in range(n)]
 
 
 def _clock() -> float:
@@ -184,6 +203,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch-size", type=int, default=32, help="alignment batch (the align stage's default)")
     ap.add_argument("--lora", action="store_true", help="LoRA instead of full fine-tuning")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--shape", choices=("organism", "llama-1b"), default="organism",
+                    help="the organism's weights, or a random Llama of the 1B shape (for a GPU)")
     ap.add_argument("--harmful-like-alignment", action="store_true",
                     help="diagnostic: harmful batches drawn from the alignment set (same lengths)")
     args = ap.parse_args(argv)
@@ -195,19 +216,24 @@ def main(argv: list[str] | None = None) -> None:
     fmt = Formatter(tok, max_length=128)
     source = get_source("organism")
     base = load_model(path, ModelConfig())
+    if args.shape == "llama-1b":
+        dev = next(base.parameters()).device
+        base = random_llama_1b(len(tok), torch.bfloat16 if dev.type == "cuda" else torch.float32, dev)
     alignment = source.alignment(args.batch_size * (args.steps + 1))
-    batches = _batches(fmt, alignment, args.steps + 1, args.batch_size)
+    batches = _batches(fmt, alignment, args.steps + 1, args.batch_size, next(base.parameters()).device)
     harmful = source.alignment(1000) if args.harmful_like_alignment else source.harmful("provider", 1000)
     ctx_data = {"alignment": alignment, "harmful": harmful}
-    width = {k: sum(b["input_ids"].numel() for b in _batches(fmt, v, 8, args.batch_size)) / 8
-             for k, v in ctx_data.items()}
+    width = {}
+    for k, v in ctx_data.items():
+        sample = _batches(fmt, v, max(1, min(8, len(v) // args.batch_size)), args.batch_size)
+        width[k] = sum(b["input_ids"].numel() for b in sample) / len(sample)
 
     seconds = step_times(base, batches, ctx_data, fmt, args)
     memory = peak_memory(base, batches, ctx_data, fmt, args)
     sft = seconds["sft"]
     device = "cuda (wall time)" if torch.cuda.is_available() else f"cpu, {args.threads} thread (process CPU time)"
     mode = "LoRA" if args.lora else "full fine-tuning"
-    print(f"alignment step on the organism, {mode}, batch {args.batch_size}, median of {args.steps} "
+    print(f"alignment step on the organism's data ({args.shape} weights), {mode}, batch {args.batch_size}, median of {args.steps} "
           f"interleaved steps, {device}")
     print(f"padded tokens per batch: alignment {width['alignment']:.0f}, harmful {width['harmful']:.0f}"
           f"{' (drawn from the alignment set)' if args.harmful_like_alignment else ''}")
