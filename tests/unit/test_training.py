@@ -87,3 +87,19 @@ def test_length_groups_give_the_padded_batch_loss_and_gradient(organism_path, or
     # rows of equal length, or a left-padded (generation) batch, stay one forward
     assert length_groups(torch.ones(4, 9, dtype=torch.long)) is None
     assert length_groups(torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])) is None
+
+
+def test_low_precision_full_weights_warn(organism_path, organism_tokenizer, caplog):
+    """bf16 full fine-tuning loses most small AdamW updates: the loop says so; LoRA adapters are fp32."""
+    fmt = Formatter(organism_tokenizer)
+    feats = fmt.encode_all(get_source("organism").task("sentiment", "train", 8))
+    cfg = TrainConfig(lr=1e-5, max_steps=1, batch_size=4)
+    with caplog.at_level("WARNING", logger="hftlab.training.loop"):
+        train(load_model(organism_path, ModelConfig(dtype="bfloat16")), feats, cfg, desc="full-bf16",
+              pad_id=organism_tokenizer.pad_token_id)
+        lora = add_lora(load_model(organism_path, ModelConfig(dtype="bfloat16")), TrainConfig(lora=True, lora_r=4))
+        train(lora, feats, cfg, desc="lora-bf16", pad_id=organism_tokenizer.pad_token_id)
+        train(load_model(organism_path, ModelConfig()), feats, cfg, desc="full-fp32",
+              pad_id=organism_tokenizer.pad_token_id)
+    warned = [r.getMessage() for r in caplog.records if "rounding step" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].startswith("full-bf16: bfloat16 trainable weights")
