@@ -233,8 +233,8 @@ def main(argv: list[str] | None = None) -> None:
     sft = seconds["sft"]
     device = "cuda (wall time)" if torch.cuda.is_available() else f"cpu, {args.threads} thread (process CPU time)"
     mode = "LoRA" if args.lora else "full fine-tuning"
-    print(f"alignment step on the organism's data ({args.shape} weights), {mode}, batch {args.batch_size}, median of {args.steps} "
-          f"interleaved steps, {device}")
+    print(f"alignment step on the organism's data ({args.shape} weights), {mode}, batch {args.batch_size}, "
+          f"median of {args.steps} interleaved steps, {device}")
     print(f"padded tokens per batch: alignment {width['alignment']:.0f}, harmful {width['harmful']:.0f}"
           f"{' (drawn from the alignment set)' if args.harmful_like_alignment else ''}")
     print(f"{'method':<16} {'s/step':>8} {'× SFT':>7} {'peak MiB':>9}  target")

@@ -78,8 +78,8 @@ def warn_low_precision(params: Sequence[nn.Parameter], cfg: TrainConfig, desc: s
     LoRA adapters are fp32 (PEFT upcasts them), so LoRA on a bf16 model is not affected."""
     low = sorted({str(p.dtype).replace("torch.", "") for p in params} & {"bfloat16", "float16"})
     if low:
-        log.warning("%s: %s trainable weights (full fine-tuning at lr %g): most AdamW updates are smaller than "
-                    "the weights' rounding step and are lost; use model.dtype=float32, or LoRA", desc,
+        log.warning("%s: %s trainable weights (lr %g): most AdamW updates are smaller than the weights' "
+                    "rounding step and are lost; use model.dtype=float32 for full fine-tuning, or LoRA", desc,
                     "/".join(low), cfg.lr)
 
 
