@@ -40,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     path = ensure_organism()
-    model, tok = load_model(args.model or path, ModelConfig()), load_tokenizer(path, ModelConfig())
+    folder = args.model or path  # a stage folder holds its tokenizer next to the weights
+    model, tok = load_model(folder, ModelConfig()), load_tokenizer(folder, ModelConfig())
     src = get_source("organism")
     k = args.n // 3
     sets = {"harmful": [e.prompt for e in src.harmful("eval", k)],
