@@ -115,10 +115,18 @@ def lm_loss(model: nn.Module, batch: dict[str, torch.Tensor], by_length: bool = 
 
 def batch_pieces(model: nn.Module, batch: dict[str, torch.Tensor], by_length: bool = True) -> list[dict]:
     """The batch as its length groups (CPU, one process, right-padded, when it saves compute), else [batch]."""
-    groups = length_groups(batch["attention_mask"]) if by_length and _may_split(model, batch["input_ids"]) else None
-    if not groups:
+    groups = row_groups(model, batch, by_length)
+    if groups is None:
         return [batch]
     return [{k: v[rows, :width] for k, v in batch.items()} for rows, width in groups]
+
+
+def row_groups(model: nn.Module, batch: dict[str, torch.Tensor],
+               by_length: bool = True) -> list[tuple[torch.Tensor, int]] | None:
+    """(rows, width) of each length group of :func:`batch_pieces`, or None when the batch stays whole."""
+    if not (by_length and _may_split(model, batch["input_ids"])):
+        return None
+    return length_groups(batch["attention_mask"])
 
 
 def label_count(batch: dict[str, torch.Tensor]) -> torch.Tensor:

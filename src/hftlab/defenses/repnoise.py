@@ -31,6 +31,7 @@ Deviations:
   (2B × 2B × T·H) tensor); the same value up to rounding.
 - The harmless and harmful parts are back-propagated separately (same gradient, half the peak
   activation memory).
+- On CPU the harmful batch runs as length groups, like every loss here (same values, no padding compute).
 """
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ from torch import nn
 from ..config import rng
 from ..data.format import IGNORE
 from ..models.introspect import final_norm, mlp_modules, unwrap
-from .base import Context, Defense, lm_loss
+from .base import Context, Defense, lm_loss, row_groups
 from .perturbation import capture_outputs, require
 
 
@@ -71,12 +72,13 @@ def mmd(x: torch.Tensor, y: torch.Tensor, kernels: int = 5, mul: float = 2.0) ->
     return (k[:b, :b] + k[b:, b:] - k[:b, b:] - k[b:, :b]).mean()
 
 
-def shifted_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def shifted_ce(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     return nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
-                                       ignore_index=IGNORE)
+                                       ignore_index=IGNORE, reduction=reduction)
 
 
-def logit_lens_ce(model: nn.Module, hiddens: tuple[torch.Tensor, ...], labels: torch.Tensor) -> list[torch.Tensor]:
+def logit_lens_ce(model: nn.Module, hiddens: tuple[torch.Tensor, ...], labels: torch.Tensor,
+                  reduction: str = "mean") -> list[torch.Tensor]:
     """Cross-entropy of the labels when each hidden state is read out by the final norm and the LM head.
 
     Only the labelled positions go through the head (the same mean as masking the full logits).
@@ -84,27 +86,47 @@ def logit_lens_ce(model: nn.Module, hiddens: tuple[torch.Tensor, ...], labels: t
     keep = labels[:, 1:] != IGNORE
     targets = labels[:, 1:][keep]
     norm, head = final_norm(model), model.get_output_embeddings()
-    return [nn.functional.cross_entropy(head(norm(h[:, :-1][keep])).float(), targets) for h in hiddens]
+    return [nn.functional.cross_entropy(head(norm(h[:, :-1][keep])).float(), targets, reduction=reduction)
+            for h in hiddens]
 
 
 def harmful_terms(model: nn.Module, batch: dict[str, torch.Tensor], kernels: int = 5,
                   mul: float = 2.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(MMD term, H) on one harmful batch (one forward; the Gaussian noise uses the global RNG)."""
+    """(MMD term, H) on one harmful batch (the Gaussian noise uses the global RNG).
+
+    On CPU the batch runs as its length groups (:func:`~hftlab.defenses.base.row_groups`, as ``lm_loss``):
+    each row's activations are those of the padded batch at its real positions, and they are put back at
+    the batch's width (zeros at padding, which the mask zeroes anyway) before the MMD; the cross-entropies
+    are summed over the groups and divided by the batch's labelled-token count. Same values, no padding
+    compute.
+    """
     mlps = mlp_modules(model)
-    with capture_outputs(mlps) as acts:
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                    output_hidden_states=True)
-    mask = (batch["labels"] != IGNORE).unsqueeze(-1)
+    labels = batch["labels"]
+    width = labels.shape[1]
+    groups = row_groups(model, batch) or [(torch.arange(labels.shape[0], device=labels.device), width)]
+    acts_parts: list[list[torch.Tensor]] = [[] for _ in mlps]
+    ce_sums: list[torch.Tensor] = []  # the output CE, then the logit lens of each hidden state
+    for rows, w in groups:
+        piece = {k: v[rows, :w] for k, v in batch.items()}
+        with capture_outputs(mlps) as acts:
+            out = model(input_ids=piece["input_ids"], attention_mask=piece["attention_mask"],
+                        output_hidden_states=True)
+        for i in range(len(mlps)):
+            acts_parts[i].append(nn.functional.pad(acts[i], (0, 0, 0, width - w)))
+        sums = [shifted_ce(out.logits, piece["labels"], "sum"),
+                *logit_lens_ce(unwrap(model), out.hidden_states, piece["labels"], "sum")]
+        ce_sums = sums if not ce_sums else [a + b for a, b in zip(ce_sums, sums)]
+    back = torch.argsort(torch.cat([rows for rows, _ in groups]))  # group order -> batch order
+    mask = (labels != IGNORE).unsqueeze(-1)
     noise_term = 0.0
-    for i in range(len(mlps)):
-        hidden = acts[i] * mask
+    for parts in acts_parts:
+        hidden = torch.cat(parts)[back] * mask
         noise = torch.randn_like(hidden) * mask
         noise_term = noise_term + mmd(hidden.flatten(1), noise.flatten(1), kernels, mul)
     noise_term = noise_term / len(mlps)
-    harmful = shifted_ce(out.logits, batch["labels"])
-    for ce in logit_lens_ce(unwrap(model), out.hidden_states, batch["labels"]):
-        harmful = harmful + ce
-    return noise_term, harmful / len(out.hidden_states)
+    n_labelled = (labels[:, 1:] != IGNORE).sum()
+    n_hidden = len(ce_sums) - 1  # L + 1 hidden states; the output CE is the extra term
+    return noise_term, sum(ce_sums) / n_labelled / n_hidden
 
 
 class RepNoise(Defense):
