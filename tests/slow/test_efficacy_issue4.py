@@ -22,7 +22,7 @@ CASES: dict[str, tuple[list[str], str]] = {
     "booster+vaccine": (["defense=booster", "defense.perturb_aware=true"],
                         "measured seed 0: HS 90.25 vs SFT 70.0, FA 100: as with Booster, the aligned model already "
                         "complies (aligned HS 90.25; seeds 1/2: 88.25/88.25, HS 90.0/90.5)"),
-    "repnoise": (["defense=repnoise"], ""),  # seeds 0/1/2: HS 41.75/50.75/21.75 vs SFT 70.0/77.5/59.5; FA 96.75/83.25/89.25
+    "repnoise": (["defense=repnoise"], ""),  # seeds 0/1/2: HS 40.5/46.0/22.0 vs SFT 70.0/77.5/59.5; FA 97.0/86.0/88.75
     "t-vaccine": (["defense=t-vaccine"], ""),  # seeds 0/1/2: HS 40.5/67.75/83.5 vs 70.0/77.5/59.5, FA 100
 }
 
