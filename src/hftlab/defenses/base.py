@@ -115,7 +115,11 @@ def lm_loss(model: nn.Module, batch: dict[str, torch.Tensor], by_length: bool = 
 
 def batch_pieces(model: nn.Module, batch: dict[str, torch.Tensor], by_length: bool = True) -> list[dict]:
     """The batch as its length groups (CPU, one process, right-padded, when it saves compute), else [batch]."""
-    groups = row_groups(model, batch, by_length)
+    return pieces_of(batch, row_groups(model, batch, by_length))
+
+
+def pieces_of(batch: dict[str, torch.Tensor], groups: list[tuple[torch.Tensor, int]] | None) -> list[dict]:
+    """The batch cut into ``groups`` (from :func:`row_groups`), or [batch] when None."""
     if groups is None:
         return [batch]
     return [{k: v[rows, :width] for k, v in batch.items()} for rows, width in groups]

@@ -43,7 +43,7 @@ from torch import nn
 from ..config import rng
 from ..data.format import IGNORE
 from ..models.introspect import final_norm, mlp_modules, unwrap
-from .base import Context, Defense, lm_loss, row_groups
+from .base import Context, Defense, lm_loss, pieces_of, row_groups
 from .perturbation import capture_outputs, require
 
 
@@ -103,24 +103,25 @@ def harmful_terms(model: nn.Module, batch: dict[str, torch.Tensor], kernels: int
     mlps = mlp_modules(model)
     labels = batch["labels"]
     width = labels.shape[1]
-    groups = row_groups(model, batch) or [(torch.arange(labels.shape[0], device=labels.device), width)]
+    groups = row_groups(model, batch)  # None: one forward over the whole batch (GPU, DDP)
     acts_parts: list[list[torch.Tensor]] = [[] for _ in mlps]
     ce_sums: list[torch.Tensor] = []  # the output CE, then the logit lens of each hidden state
-    for rows, w in groups:
-        piece = {k: v[rows, :w] for k, v in batch.items()}
+    for piece in pieces_of(batch, groups):
         with capture_outputs(mlps) as acts:
             out = model(input_ids=piece["input_ids"], attention_mask=piece["attention_mask"],
                         output_hidden_states=True)
+        pad = width - piece["input_ids"].shape[1]
         for i in range(len(mlps)):
-            acts_parts[i].append(nn.functional.pad(acts[i], (0, 0, 0, width - w)))
+            acts_parts[i].append(nn.functional.pad(acts[i], (0, 0, 0, pad)) if pad else acts[i])
         sums = [shifted_ce(out.logits, piece["labels"], "sum"),
                 *logit_lens_ce(unwrap(model), out.hidden_states, piece["labels"], "sum")]
         ce_sums = sums if not ce_sums else [a + b for a, b in zip(ce_sums, sums)]
-    back = torch.argsort(torch.cat([rows for rows, _ in groups]))  # group order -> batch order
+    # group order -> batch order
+    back = None if groups is None else torch.argsort(torch.cat([rows for rows, _ in groups]))
     mask = (labels != IGNORE).unsqueeze(-1)
     noise_term = 0.0
     for parts in acts_parts:
-        hidden = torch.cat(parts)[back] * mask
+        hidden = (parts[0] if back is None else torch.cat(parts)[back]) * mask
         noise = torch.randn_like(hidden) * mask
         noise_term = noise_term + mmd(hidden.flatten(1), noise.flatten(1), kernels, mul)
     noise_term = noise_term / len(mlps)

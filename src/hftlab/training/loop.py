@@ -7,7 +7,8 @@ gradient), clip, step, ``defense.on_step_end``. Features:
 - full fine-tuning or LoRA (the caller wraps the model, see ``models.loading.add_lora``);
 - gradient accumulation (``grad_accum``) through ``accelerator.accumulate``;
 - gradient clipping (``max_grad_norm``, 0 = off); warm-up + constant/linear/cosine schedule;
-- bf16 when a GPU is present (the model is loaded in bf16; no autocast needed);
+- bf16 when a GPU is present (``model.dtype=auto`` loads real models in bf16, the organism in fp32; no
+  autocast needed); a warning when full weights train in bf16/fp16 (small AdamW updates are lost);
 - DDP/FSDP/DeepSpeed when launched with ``accelerate launch`` (``batch_size`` is the global batch);
 - a progress bar on stderr, and ``losses.jsonl`` (step, loss, lr, and the scalars the defense put in
   ``ctx.step_metrics``) in the stage folder; losses stay on the device and reach the host every
