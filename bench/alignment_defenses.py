@@ -50,6 +50,7 @@ METHODS: list[tuple[str, str, dict[str, Any]]] = [
     ("vaccine", "vaccine", {}),
     ("booster", "booster", {}),
     ("booster+vaccine", "booster", {"perturb_aware": True}),
+    ("booster, hb = batch", "booster", {"harmful_batch_size": 0}),
     ("repnoise", "repnoise", {}),
     ("t-vaccine", "t-vaccine", {}),
     ("t-vaccine -ckpt", "t-vaccine", {"checkpoint_frozen": False}),

@@ -170,8 +170,9 @@ def accumulation_matches(make_defense: Callable[[], Any], model: nn.Module, fmt:
         d.setup(m, ctx)
         if prepare:
             prepare(d, m, ctx)
+        size = getattr(getattr(d, "cfg", None), "harmful_batch_size", 0) or None  # the defense's draw
         for k in range(steps[0]):
-            ctx.next_batch("harmful")
+            ctx.next_batch("harmful", size)
         for k in steps:
             torch.manual_seed(1 + k)
             d.backward(m, (b1, b2)[k], ctx)

@@ -74,7 +74,7 @@ def test_fresh_harmful_batch_each_step(organism, fmt):
     for _ in range(3):
         d.backward(organism, batch(fmt), ctx)
         organism.zero_grad(set_to_none=True)
-    assert len(seen) == 3
+    assert len(seen) == 3 and all(len(b["input_ids"]) == 10 for b in seen)  # the reference's batch of 10
     assert not torch.equal(seen[0]["input_ids"][:, :8], seen[1]["input_ids"][:, :8])
     assert not torch.equal(seen[1]["input_ids"][:, :8], seen[2]["input_ids"][:, :8])
 
@@ -90,6 +90,15 @@ def test_perturb_aware_is_booster_plus_vaccine(organism, fmt, mixed):
     _, gf = vaccine_direct(organism, b, 5.0)
     want = booster_direct(organism, b, seen[0], 5.0, 0.1, f_grads=gf)
     assert_grads_close(grads(organism), want, rtol=1e-4, atol=1e-6)
+
+
+def test_harmful_batch_size_zero_takes_the_alignment_batch_size(organism, fmt):
+    ctx = make_ctx(fmt)
+    seen = _recording(ctx)
+    d = Booster(harmful_batch_size=0)
+    d.setup(organism, ctx)
+    d.backward(organism, batch(fmt), ctx)
+    assert len(seen[0]["input_ids"]) == ctx.batch_size != 10
 
 
 def test_gradient_accumulation(organism, fmt):
@@ -122,7 +131,8 @@ def test_second_architecture(organism_tokenizer, lora):
     second_arch_trains(Booster(perturb_aware=lora), organism_tokenizer, lora)
 
 
-@pytest.mark.parametrize("key, value", [("lamb", -1), ("alpha", -0.1), ("rho", -2), ("perturb_aware", 3)])
+@pytest.mark.parametrize("key, value", [("lamb", -1), ("alpha", -0.1), ("rho", -2), ("perturb_aware", 3),
+                                        ("harmful_batch_size", -1)])
 def test_bad_parameters_are_config_errors(key, value):
     with pytest.raises(ConfigError, match=f"defense.{key}"):
         load_config(overrides=["defense=booster", f"defense.{key}={value}"])
@@ -130,4 +140,5 @@ def test_bad_parameters_are_config_errors(key, value):
 
 def test_paper_defaults_file():
     cfg = load_config([CONFIGS / "booster.yaml"])
-    assert cfg.defense.params == {"lamb": 5.0, "alpha": 0.1, "perturb_aware": False, "rho": 5.0}
+    assert cfg.defense.params == {"lamb": 5.0, "alpha": 0.1, "perturb_aware": False, "rho": 5.0,
+                                 "harmful_batch_size": 10}

@@ -21,10 +21,14 @@ Deviations:
   between its passes (which drops earlier micro-batches' gradients under accumulation).
 - The weights are restored exactly from a copy after the perturbed pass (the reference adds the
   step back, which rounds in bf16).
-- The harmful batch has the training micro-batch size (the reference hard-codes 10, its batch size),
-  drawn from the provider's harmful set of ``data.harmful_n`` samples (the paper: 5000). That set is
-  the alignment prompts with harmful answers, as in the reference (rows 5001–9999 of its refusal file:
-  ``refusal`` for f, ``response`` for h); on the hub source this holds with ``data.alignment_set=refusal``.
+- The harmful batch is drawn from the provider's harmful set of ``data.harmful_n`` samples (the paper:
+  5000). Its size is ``harmful_batch_size`` = 10, the size the reference hard-codes in
+  ``get_harmful_dataloader`` whatever the training batch (its scripts train with 10 too); 0 takes the
+  alignment micro-batch size instead (hftlab's default before session 6; on the organism, whose
+  alignment batch is 32, ``bench/alignment_defenses.py`` measures a step at 4.97x SFT's with 32
+  harmful rows and 2.42x with 10). That set is the alignment prompts with harmful answers, as in the
+  reference (rows 5001–9999 of its refusal file: ``refusal`` for f, ``response`` for h); on the hub
+  source this holds with ``data.alignment_set=refusal``.
 - α is a step in the space of the weights that alignment trains: the reference aligns a LoRA adapter
   (r=32, lora_alpha=4, B=0 at start), the organism's default alignment is full fine-tuning, so the same
   α=0.1 moves a ~1M-parameter model much further. Note: the reference's rule itself descends h through
@@ -56,6 +60,7 @@ class Config:
     alpha: float = field(default=0.1, metadata=rng(0.0, None))  # α, step of the simulated harmful update
     perturb_aware: bool = False  # Booster+Vaccine: ∇f under Vaccine's perturbation
     rho: float = field(default=5.0, metadata=rng(0.0, None))  # Vaccine's ρ when perturb_aware (paper: 5)
+    harmful_batch_size: int = field(default=10, metadata=rng(0, None))  # reference: 10; 0 = alignment batch
 
     def check(self) -> None:
         for key in ("lamb", "alpha", "rho"):
@@ -111,7 +116,8 @@ class Booster(Defense):
 
     def backward(self, model: nn.Module, batch: dict[str, torch.Tensor], ctx: Context) -> torch.Tensor:
         cfg = self.cfg
-        g, g_pert, diagnostics = harmful_directions(local_model(model), self.params, ctx.next_batch("harmful"),
+        g, g_pert, diagnostics = harmful_directions(local_model(model), self.params,
+                                                    ctx.next_batch("harmful", cfg.harmful_batch_size or None),
                                                     cfg.alpha)
         ctx.step_metrics.update(diagnostics)  # logged per step in losses.jsonl
         with torch.no_grad():
