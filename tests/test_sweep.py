@@ -15,6 +15,7 @@ import pytest
 
 from hftlab import store
 from hftlab.config import ConfigError
+from hftlab.report import summarise, value
 from hftlab.sweep import expand, plan, run_cells, run_sweep
 
 
@@ -27,6 +28,18 @@ def test_expand_is_a_product_and_keeps_lists_whole():
 def test_plan_validates_every_cell_first():
     with pytest.raises(ConfigError, match=r"attack\.ratio.*sweep cell: attack\.ratio=1\.5"):
         plan([], ["attack.ratio=0.1,1.5"])
+
+
+def test_summary_groups_by_a_plugin_parameter_by_its_cli_name():
+    """``hftlab sweep defense.perturb_aware=false,true`` groups its table by that key (it is stored
+    under defense.params)."""
+    rows = [{"config": {"defense": {"name": "booster", "params": {"perturb_aware": pa}}, "seed": s},
+             "harmful_score": hs, "finetune_accuracy": 100.0}
+            for pa, s, hs in [(False, 0, 90.0), (False, 1, 80.0), (True, 0, 30.0)]]
+    header, body = summarise(rows, by=("defense.perturb_aware",))
+    assert header[0] == "defense.perturb_aware"
+    assert [b[0] for b in body] == ["False", "True"] and [b[-1] for b in body] == ["2", "1"]
+    assert value(rows[0], "defense.name") == "booster" and value(rows[0], "defense.missing") is None
 
 
 def _store_rows(out: Path) -> list[dict]:

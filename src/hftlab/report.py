@@ -19,11 +19,19 @@ def fmt_num(values: Sequence[float | None]) -> str:
 
 
 def value(row: dict[str, Any], key: str) -> Any:
-    """A column of a store row, or a dotted config key (``finetune.lr``) from its config."""
+    """A column of a store row, or a dotted config key (``finetune.lr``) from its config; a plugin's
+    parameter is found by its CLI name (``defense.rho`` for ``defense.params.rho``)."""
     if key in row:
         return row[key]
-    node: Any = row.get("config", {})
-    for part in key.split("."):
+    found = _lookup(row.get("config", {}), key.split("."))
+    section, _, rest = key.partition(".")
+    if found is None and rest and not rest.startswith("params."):
+        found = _lookup(row.get("config", {}), [section, "params", *rest.split(".")])
+    return found
+
+
+def _lookup(node: Any, parts: Sequence[str]) -> Any:
+    for part in parts:
         if not isinstance(node, dict) or part not in node:
             return None
         node = node[part]
