@@ -408,7 +408,8 @@ def _check_plugins(cfg: Config, flat: dict[str, tuple[Any, str]]) -> None:
 
 
 def plugin_params(name: str, raw: dict[str, Any]) -> dict[str, Any]:
-    """Validate ``defense.*`` keys against the defense's Config dataclass; returns plain values."""
+    """Validate ``defense.*`` keys against the defense's Config dataclass; returns every parameter's
+    plain value, the defaults included, so that stage and run hashes change when a default does."""
     from . import registry
 
     cls = registry.get("defense", name)
@@ -431,6 +432,7 @@ def plugin_params(name: str, raw: dict[str, Any]) -> dict[str, Any]:
                 check()
             except ValueError as e:
                 raise ConfigError(f"defense.{e} (defense '{name}')") from None
+        return dataclasses.asdict(inst)
     return plain
 
 

@@ -28,7 +28,9 @@ def test_booster_is_the_papers_setting():
         assert stage.lora and (stage.lora_r, stage.lora_alpha) == (32, 4.0)
         assert stage.lora_targets == ["q_proj", "k_proj", "v_proj"]
         assert (stage.lr, stage.epochs, stage.batch_size) == (lr, 20.0, 10)
-    assert cfg.defense.name == "booster" and cfg.defense.params == {"lamb": 5.0, "alpha": 0.1}
+    assert cfg.defense.name == "booster"
+    assert {k: cfg.defense.params[k] for k in ("lamb", "alpha", "harmful_batch_size")} == {
+        "lamb": 5.0, "alpha": 0.1, "harmful_batch_size": 10}
     assert (cfg.eval.judge, cfg.eval.n_harmful) == ("beaver-dam", 1000)
 
 

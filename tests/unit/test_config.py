@@ -19,6 +19,28 @@ def test_dotted_overrides_and_shorthands():
     assert cfg.finetune.lora is False and cfg.seed == 3 and cfg.attack.name == "pure-harmful"
 
 
+def test_defense_params_hold_every_default(monkeypatch):
+    """A defense's resolved params include its defaults, so a changed default changes the stage and run
+    hashes (a cached result of the old default is not reused)."""
+    from dataclasses import dataclass
+
+    from hftlab.config import to_dict
+    from hftlab.defenses import booster
+
+    cfg = load_config(overrides=["defense=booster", "defense.lamb=1"])
+    assert cfg.defense.params == {"lamb": 1.0, "alpha": 0.1, "perturb_aware": False, "rho": 5.0,
+                                  "harmful_batch_size": 10}
+    before = to_dict(cfg)
+
+    @dataclass
+    class NewDefault(booster.Config):
+        harmful_batch_size: int = 32
+
+    monkeypatch.setattr(booster.Booster, "Config", NewDefault)
+    after = to_dict(load_config(overrides=["defense=booster", "defense.lamb=1"]))
+    assert after["defense"]["params"]["harmful_batch_size"] == 32 and after != before
+
+
 def test_yaml_file_and_override_precedence(tmp_path):
     f = tmp_path / "exp.yaml"
     f.write_text("attack:\n  ratio: 0.05\nfinetune:\n  epochs: 3\n")

@@ -133,4 +133,4 @@ def test_bad_rho_is_a_config_error():
 
 def test_paper_defaults_file():
     cfg = load_config([CONFIGS / "vaccine.yaml"])
-    assert cfg.defense.name == "vaccine" and cfg.defense.params == {"rho": 2.0}
+    assert cfg.defense.name == "vaccine" and cfg.defense.params["rho"] == 2.0
