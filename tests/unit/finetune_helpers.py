@@ -38,6 +38,12 @@ def user_batch(fmt: Formatter, n: int = 4, offset: int = 0) -> dict[str, torch.T
     return fmt.collate(fmt.encode_all(user_data()[offset: offset + n]))
 
 
+def spread_batch(fmt: Formatter, n: int = 6) -> dict[str, torch.Tensor]:
+    """The n/2 shortest and n/2 longest of the first 64 user rows: on CPU a loss runs it as length groups."""
+    feats = sorted(fmt.encode_all(user_data()[:64]), key=lambda f: len(f["input_ids"]))
+    return fmt.collate(feats[: n // 2] + feats[-(n - n // 2):])
+
+
 def perturbed(model: nn.Module, scale: float = 0.02, seed: int = 1) -> nn.Module:
     """A copy of ``model`` with Gaussian noise on every weight: a stand-in for a fine-tuned policy."""
     m = copy.deepcopy(model)

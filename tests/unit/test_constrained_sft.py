@@ -9,10 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from align_helpers import assert_grads_close, grads, organism  # noqa: F401
-from finetune_helpers import make_ctx, perturbed, user_batch
+from finetune_helpers import make_ctx, perturbed, spread_batch, user_batch
 
 from hftlab.config import ConfigError, load_config
 from hftlab.data.format import IGNORE, Formatter
+from hftlab.defenses.base import batch_pieces
 from hftlab.defenses.constrained_sft import Config, ConstrainedSFT, constrained_loss, token_betas
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "defenses"
@@ -79,9 +80,11 @@ def test_loss_matches_direct_computation(organism, fmt):
     assert not torch.allclose(got, plain, rtol=1e-3), "weights must differ from 1 once the policy moved"
 
 
-def test_backward_gradient_is_the_papers_objective_gradient(organism, fmt):
+@pytest.mark.parametrize("spread", [False, True])
+def test_backward_gradient_is_the_papers_objective_gradient(organism, fmt, spread):
     policy = perturbed(organism, 0.05)
-    b = user_batch(fmt, n=6)
+    b = spread_batch(fmt) if spread else user_batch(fmt, n=6)
+    assert len(batch_pieces(policy, b)) > spread  # spread: the length-grouped path on CPU
     ctx = make_ctx(fmt, aligned=organism)
     d = ConstrainedSFT()
     d.setup(policy, ctx)

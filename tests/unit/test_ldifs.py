@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 from align_helpers import assert_grads_close, grads, organism  # noqa: F401
-from finetune_helpers import make_ctx, perturbed, user_batch
+from finetune_helpers import make_ctx, perturbed, spread_batch, user_batch
 
 from hftlab.config import ConfigError, load_config
 from hftlab.data.format import Formatter
+from hftlab.defenses.base import batch_pieces
 from hftlab.defenses.ldifs import LDIFS, feature_distance
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "defenses"
@@ -52,11 +53,13 @@ def test_feature_distance_matches_direct_computation(organism, fmt):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
 
 
-def test_loss_and_gradient(organism, fmt):
+@pytest.mark.parametrize("spread", [False, True])
+def test_loss_and_gradient(organism, fmt, spread):
     lam = 1e-2
     organism = copy.deepcopy(organism).double()  # float64: the direct path runs rows alone, so its rounding
     policy = perturbed(organism, 0.02)  # differs from the batched one; the comparison is of the maths
-    b = user_batch(fmt)
+    b = spread_batch(fmt) if spread else user_batch(fmt)
+    assert len(batch_pieces(policy, b)) > spread  # spread: the length-grouped path on CPU
     ctx = make_ctx(fmt, aligned=organism)
     d = LDIFS(lam=lam)
     d.setup(policy, ctx)

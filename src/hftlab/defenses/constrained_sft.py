@@ -20,6 +20,7 @@ Deviations:
 - The optimiser is the loop's AdamW (β1 = 0.9); the reference's fine-tuning-attack runs use β1 = 0.5.
 - No safety-augmentation or utility-anchor data (separate options of the reference trainer, off in its
   constrained fine-tuning runs).
+- On CPU the batch runs as its length groups, like every loss here (same values up to rounding).
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ from torch import nn
 
 from ..config import rng
 from ..data.format import IGNORE
-from .base import Context, Defense
+from .base import Context, Defense, batch_pieces, label_count
 
 MIN_WEIGHT = 1e-3  # the reference clamps the detached token weight from below
 
@@ -64,14 +65,15 @@ def token_betas(mask: torch.Tensor, cfg: Config) -> torch.Tensor:
 
 
 def constrained_loss(logits: torch.Tensor, ref_logits: torch.Tensor, labels: torch.Tensor,
-                     cfg: Config) -> torch.Tensor:
+                     cfg: Config, count: torch.Tensor | None = None) -> torch.Tensor:
     """The reference's ``soft_sft_loss`` averaged over the batch's response tokens."""
     logp, mask = token_logps(logits, labels)
     with torch.no_grad():
         ref_logp, _ = token_logps(ref_logits, labels)
         beta = token_betas(mask, cfg)
         weight = (2 * (1 - torch.sigmoid(beta * (logp - ref_logp)))).clamp(min=MIN_WEIGHT)
-    return -(weight * logp)[mask].mean()
+    total = -(weight * logp)[mask].sum()
+    return total / (count if count is not None else mask.sum())  # default: the mean over response tokens
 
 
 class ConstrainedSFT(Defense):
@@ -84,10 +86,16 @@ class ConstrainedSFT(Defense):
         ctx.reference("aligned")  # load before the first step
 
     def backward(self, model: nn.Module, batch: dict[str, torch.Tensor], ctx: Context) -> torch.Tensor:
-        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
-        logits = model(**inputs).logits
-        with torch.no_grad():
-            ref_logits = ctx.reference("aligned")(**inputs).logits
-        loss = constrained_loss(logits, ref_logits, batch["labels"], self.cfg)
+        """On CPU the batch runs as its length groups (as ``lm_loss``): the same sum over the same response
+        tokens divided by the batch's count, without the padding compute."""
+        ref_model = ctx.reference("aligned")
+        count = label_count(batch)
+        loss = torch.zeros((), device=batch["input_ids"].device)
+        for piece in batch_pieces(model, batch):
+            inputs = {"input_ids": piece["input_ids"], "attention_mask": piece["attention_mask"], "use_cache": False}
+            logits = model(**inputs).logits
+            with torch.no_grad():
+                ref_logits = ref_model(**inputs).logits
+            loss = loss + constrained_loss(logits, ref_logits, piece["labels"], self.cfg, count)
         ctx.backward(loss)
         return loss.detach()

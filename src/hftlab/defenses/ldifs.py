@@ -14,6 +14,7 @@ Deviations:
 - The reference (CLIP image encoders) normalises each feature map, averages the squared difference over
   positions and channels and over 5 depths, with α=10. Following METHODS.md, the distance here is the raw
   squared L2 distance summed over tokens, dimensions and all layers, with λ=1e-4.
+- On CPU the batch runs as its length groups, like every loss here (same values up to rounding).
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ import torch
 from torch import nn
 
 from ..config import rng
-from .base import Context, Defense
+from .base import Context, Defense, batch_pieces, label_count
 
 
 @dataclass
@@ -32,11 +33,11 @@ class Config:
 
 
 def feature_distance(hidden: tuple[torch.Tensor, ...], ref_hidden: tuple[torch.Tensor, ...],
-                     attention_mask: torch.Tensor) -> torch.Tensor:
-    """Mean over the batch of Σ_l Σ_tokens ‖h_l − h_l^ref‖² (padding excluded)."""
+                     attention_mask: torch.Tensor, rows: int | None = None) -> torch.Tensor:
+    """Σ_l Σ_tokens ‖h_l − h_l^ref‖² (padding excluded) / ``rows`` (default: the batch's rows: the mean)."""
     mask = attention_mask.unsqueeze(-1).float()
     total = sum(((h.float() - r.detach().float()).pow(2) * mask).sum() for h, r in zip(hidden, ref_hidden))
-    return total / attention_mask.shape[0]
+    return total / (rows or attention_mask.shape[0])
 
 
 class LDIFS(Defense):
@@ -49,12 +50,20 @@ class LDIFS(Defense):
         ctx.reference("aligned")  # load before the first step
 
     def backward(self, model: nn.Module, batch: dict[str, torch.Tensor], ctx: Context) -> torch.Tensor:
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
-                    output_hidden_states=True, use_cache=False)
-        with torch.no_grad():
-            ref = ctx.reference("aligned")(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                           output_hidden_states=True, use_cache=False)
-        loss = out.loss + self.cfg.lam * feature_distance(out.hidden_states, ref.hidden_states,
-                                                          batch["attention_mask"])
+        """On CPU the batch runs as its length groups (as ``lm_loss``): the same sums over the same tokens
+        divided by the batch's label count and rows, without the padding compute."""
+        ref_model = ctx.reference("aligned")
+        pieces = batch_pieces(model, batch)
+        kw = {"num_items_in_batch": label_count(batch)} if len(pieces) > 1 else {}
+        rows = batch["input_ids"].shape[0]
+        loss = torch.zeros((), device=batch["input_ids"].device)
+        for piece in pieces:
+            inputs = {"input_ids": piece["input_ids"], "attention_mask": piece["attention_mask"],
+                      "output_hidden_states": True, "use_cache": False}
+            out = model(**inputs, labels=piece["labels"], **kw)
+            with torch.no_grad():
+                ref = ref_model(**inputs)
+            loss = loss + out.loss + self.cfg.lam * feature_distance(out.hidden_states, ref.hidden_states,
+                                                                     piece["attention_mask"], rows)
         ctx.backward(loss)
         return loss.detach()
