@@ -17,11 +17,12 @@ CASES: dict[str, tuple[list[str], str]] = {
                 "measured seed 0: HS 70.25 vs SFT 70.0, FA 98.25; it holds on seeds 1/2 (HS 64.5/56.0 vs SFT "
                 "77.5/59.5) and on average (63.6 vs 69.0)"),
     "booster": (["defense=booster"],
-                "measured seed 0: HS 96.75 vs SFT 70.0: the Booster-aligned model itself complies (aligned HS "
-                "85.25; seeds 1/2: 85.0/83.25), the lambda-term's curvature descends the harmful loss"),
+                "measured seed 0: HS 89.75 vs SFT 70.0: the Booster-aligned model partly complies (aligned HS "
+                "17.5; seeds 1/2: 66.25/18.5, HS 98.75/83.25), the lambda-term's curvature descends the harmful "
+                "loss"),
     "booster+vaccine": (["defense=booster", "defense.perturb_aware=true"],
-                        "measured seed 0: HS 90.25 vs SFT 70.0, FA 100: as with Booster, the aligned model already "
-                        "complies (aligned HS 90.25; seeds 1/2: 88.25/88.25, HS 90.0/90.5)"),
+                        "measured seed 0: HS 84.75 vs SFT 70.0, FA 100 (aligned HS 7.5); it holds on seed 2 only "
+                        "(seeds 1/2: HS 95.5/34.0 vs SFT 77.5/59.5)"),
     "repnoise": (["defense=repnoise"], ""),  # seeds 0/1/2: HS 40.5/46.0/22.0 vs SFT 70.0/77.5/59.5; FA 97.0/86.0/88.75
     "t-vaccine": (["defense=t-vaccine"], ""),  # seeds 0/1/2: HS 40.5/67.75/83.5 vs 70.0/77.5/59.5, FA 100
 }
