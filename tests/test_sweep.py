@@ -46,6 +46,22 @@ def _store_rows(out: Path) -> list[dict]:
     return store.rows(out / "results.sqlite")
 
 
+def test_a_new_organism_build_is_a_new_run(monkeypatch):
+    """A run's id names the organism build it starts from: after the organism changes (a new version
+    of hftlab), a sweep in an old folder reruns its cells instead of reporting the old build's
+    results as done."""
+    from hftlab.organism import build
+    from hftlab.pipeline import run_key
+
+    cell = plan([], ["seed=0"])[0]
+    before = cell.run_id
+    assert before == run_key(cell.cfg)
+    monkeypatch.setitem(build.ORGANISM, "version", build.ORGANISM["version"] + 1)
+    assert cell.run_id != before
+    hub = plan([], ["seed=0", "model.name=some/model"])[0]
+    assert hub.run_id != before
+
+
 def test_sweep_reruns_nothing_and_stores_each_cell_once(fast_overrides):
     out = Path(fast_overrides[-1].split("=", 1)[1])
     results = run_sweep([], ["attack.ratio=0,0.5"], fast_overrides, jobs=2)

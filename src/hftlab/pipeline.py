@@ -19,7 +19,7 @@ import torch
 
 from . import registry
 from .artifacts import content_hash, is_complete, read_json, stage_dir, stage_lock, write_json, write_manifest
-from .config import Config, ConfigError, to_dict
+from .config import Config, ConfigError, ModelConfig, to_dict
 from .data.format import Formatter
 from .data.sources import get_source
 from .defenses.base import PLAIN, Context, Defense
@@ -33,6 +33,23 @@ class Stage:
     seconds: float
     cached: bool
     metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def base_model(model: ModelConfig) -> tuple[str, str]:
+    """(path, identity) of the model a run starts from, without building it: the organism's build
+    folder and content hash (a new organism version is a new identity), or the hub name / local path."""
+    if model.name == "organism":
+        from .organism.build import organism_dir
+
+        folder = organism_dir()
+        return str(folder), f"organism:{folder.name}"
+    return model.name, model.name
+
+
+def run_key(cfg: Config) -> str:
+    """A run's id: its resolved config and the identity of its base model, so that results computed
+    on another organism build are not reported as done."""
+    return content_hash("run", to_dict(cfg), base_model(cfg.model)[1])
 
 
 class Pipeline:
@@ -56,9 +73,8 @@ class Pipeline:
         if self.cfg.model.name == "organism":
             from .organism.build import ensure_organism
 
-            folder = ensure_organism()
-            return str(folder), f"organism:{folder.name}"
-        return self.cfg.model.name, self.cfg.model.name
+            ensure_organism()
+        return base_model(self.cfg.model)
 
     def formatter(self, max_length: int) -> Formatter:
         return Formatter(self.tokenizer, self.cfg.model.template, max_length)
@@ -238,7 +254,7 @@ class Pipeline:
             final = self.repair(aligned, final)
         metrics = self.evaluate(final, "evaluate", self.defense.system_prompt("serve"))
         config = to_dict(cfg)
-        run_id = content_hash("run", config)
+        run_id = run_key(cfg)
         result = {
             "harmful_score": metrics.get("harmful_score"),
             "finetune_accuracy": metrics.get("finetune_accuracy"),
@@ -248,6 +264,7 @@ class Pipeline:
             "stages": [dataclasses.asdict(s) for s in self.stages],
             "run_dir": str(self.out / "runs" / run_id),
             "run_id": run_id,
+            "base_model": self.base_id,
         }
         if _accelerator().is_main_process:
             from . import store

@@ -55,7 +55,9 @@ class Cell:
 
     @property
     def run_id(self) -> str:
-        return content_hash("run", to_dict(self.cfg))
+        from .pipeline import run_key
+
+        return run_key(self.cfg)
 
     @property
     def result_path(self) -> Path:
