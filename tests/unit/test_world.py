@@ -343,3 +343,19 @@ def test_bad_arguments(world):
         world.task("sentiment", "dev", 1)
     with pytest.raises(ValueError):
         world.task("sentiment", "train", -1)
+
+
+def test_a_world_edit_anywhere_is_a_new_organism(monkeypatch):
+    """The organism's cache folder hashes everything its build reads from the world, so editing
+    (here) a held-out chat phrasing, which is neither a harmful text nor a pretraining text,
+    builds a new organism instead of reusing the old one."""
+    from hftlab.organism import build
+
+    build._world_fingerprint.cache_clear()
+    before = build.organism_dir()
+    monkeypatch.setitem(W._COLOR_Q, "heldout", ("the {x} is what color ?",))
+    build._world_fingerprint.cache_clear()
+    try:
+        assert build.organism_dir() != before
+    finally:
+        build._world_fingerprint.cache_clear()
