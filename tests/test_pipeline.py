@@ -59,7 +59,8 @@ def test_cli_json(fast_overrides, capsys):
     assert {"harmful_score", "finetune_accuracy", "aligned", "stages", "run_dir"} <= result.keys()
     assert [set(s) >= {"name", "seconds", "cached"} for s in result["stages"]]
     assert main(["report", "--store", str(Path(result["run_dir"]).parents[1] / "results.sqlite")]) == 0
-    assert "harmful_score" in capsys.readouterr().out
+    report = capsys.readouterr().out
+    assert "harmful_score" in report and result["base_model"] in report  # the organism build is a column
 
 
 def test_resume_after_kill_during_finetune(fast_overrides, tmp_path):

@@ -46,6 +46,28 @@ def _store_rows(out: Path) -> list[dict]:
     return store.rows(out / "results.sqlite")
 
 
+def test_report_never_averages_different_experiments():
+    """``hftlab report`` groups by every config key that differs between runs except the seed: the
+    bench's 10x-lr cells are not averaged into the default rows, and a defense's own parameters only
+    split its rows when they differ for that defense."""
+    from hftlab.report import auto_groups
+
+    def row(defense, params, lr, seed, hs):
+        return {"defense": defense, "config": {"defense": {"name": defense, "params": params}, "seed": seed,
+                                               "finetune": {"lr": lr, "lora_targets": ["q_proj"]}},
+                "harmful_score": hs, "finetune_accuracy": 100.0}
+
+    rows = [row("sft", {}, 0.002, s, 70.0) for s in (0, 1)] + [row("sft", {}, 0.02, 0, 0.0)]
+    rows += [row("vaccine", {"rho": 2.0}, 0.002, s, 60.0) for s in (0, 1)]
+    rows += [row("booster", {"lamb": 5.0, "perturb_aware": pa}, 0.002, 0, 90.0) for pa in (False, True)]
+    by = auto_groups(rows)
+    assert "finetune.lr" in by and "defense.perturb_aware" in by
+    assert not {"seed", "defense.rho", "defense.lamb", "finetune.lora_targets"} & set(by)
+    header, body = summarise(rows, by=by)
+    sft = [b for b in body if b[header.index("defense")] == "sft"]
+    assert sorted((b[header.index("finetune.lr")], b[-1]) for b in sft) == [("0.002", "2"), ("0.02", "1")]
+
+
 def test_a_new_organism_build_is_a_new_run(monkeypatch):
     """A run's id names the organism build it starts from: after the organism changes (a new version
     of hftlab), a sweep in an old folder reruns its cells instead of reporting the old build's

@@ -52,7 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="tables from the results store")
     p.add_argument("--store", default="runs/results.sqlite", help="SQLite store (default: %(default)s)")
     p.add_argument("--format", choices=("markdown", "csv", "latex"), default="markdown")
-    p.add_argument("--by", default="defense,attack,task,ratio,n", help="columns to group by")
+    p.add_argument("--by", default="auto",
+                   help="columns or config keys to group by; auto: model (an organism build by its hash), "
+                        "defense, attack, task, ratio, n and every config key that differs between runs")
     return parser
 
 
@@ -147,13 +149,14 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from . import store
-    from .report import render, summarise
+    from .report import auto_groups, render, summarise
 
     rows = store.rows(args.store)
     if not rows:
         print(f"hftlab: no runs in {args.store}", file=sys.stderr)
         return 1
-    header, body = summarise(rows, by=[b.strip() for b in args.by.split(",") if b.strip()])
+    by = auto_groups(rows) if args.by == "auto" else [b.strip() for b in args.by.split(",") if b.strip()]
+    header, body = summarise(rows, by=by)
     print(render(header, body, args.format), end="")
     return 0
 

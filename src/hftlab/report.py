@@ -38,12 +38,55 @@ def _lookup(node: Any, parts: Sequence[str]) -> Any:
     return node
 
 
-def summarise(rows: list[dict[str, Any]], by: Sequence[str] = ("defense", "attack", "task", "ratio", "n"),
+BASE_GROUPS = ("model", "defense", "attack", "task", "ratio", "n")
+_SAME_AS = {"model.name": "model", "defense.name": "defense", "attack.name": "attack", "attack.ratio": "ratio",
+            "attack.n": "n"}
+_REPLICATES = {"seed", "out_dir", "store", "threads"}  # what a mean over seeds averages over
+
+
+def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(node, dict):
+        return {prefix: node}
+    out: dict[str, Any] = {}
+    for k, v in node.items():
+        # a plugin's parameter by its CLI name (defense.rho for defense.params.rho)
+        key = prefix if k == "params" else f"{prefix}.{k}" if prefix else k
+        out.update(_flatten(v, key))
+    return out
+
+
+def varying_keys(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """Config keys (dotted CLI names) whose value differs between rows, seeds excluded: rows that
+    differ in any of them are different experiments, never one mean."""
+    flat = [_flatten(r.get("config", {})) for r in rows]
+    keys = dict.fromkeys(k for f in flat for k in f)
+
+    def varies(key: str) -> bool:
+        if key.startswith("defense."):  # each defense has its own parameters: compare like with like
+            by_defense: dict[Any, set[str]] = {}
+            for f in flat:
+                by_defense.setdefault(f.get("defense.name"), set()).add(repr(f.get(key)))
+            return any(len(v) > 1 for v in by_defense.values())
+        return len({repr(f.get(key)) for f in flat}) > 1
+
+    return [k for k in keys if k not in _REPLICATES and k not in _SAME_AS and varies(k)]
+
+
+def auto_groups(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """The report's default grouping: the base columns, then every config key that varies."""
+    return [*BASE_GROUPS, *varying_keys(rows)]
+
+
+def _key(v: Any) -> Any:
+    return str(v) if isinstance(v, (list, dict)) else v
+
+
+def summarise(rows: list[dict[str, Any]], by: Sequence[str] = BASE_GROUPS,
               metrics: Sequence[str] = ("harmful_score", "finetune_accuracy")) -> tuple[list[str], list[list[str]]]:
     """Group rows by ``by`` and give mean ± std of each metric with the number of seeds."""
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in rows:
-        groups.setdefault(tuple(value(r, k) for k in by), []).append(r)
+        groups.setdefault(tuple(_key(value(r, k)) for k in by), []).append(r)
     header = [*by, *metrics, "seeds"]
     body = [[*(str(k) for k in key), *(fmt_num([value(r, m) for r in rs]) for m in metrics), str(len(rs))]
             for key, rs in groups.items()]
