@@ -41,7 +41,7 @@ ORGANISM: dict[str, Any] = {
     "pretrain_steps": 2500,
     "batch_size": 32,
     "lr": 3e-3,
-    "version": 2,
+    "version": 3,
 }
 
 
