@@ -14,13 +14,14 @@ pytestmark = pytest.mark.slow
 
 # name -> reason it is expected to fail (measured, seed 0), or "" when it reproduces
 EXPECTED: dict[str, str] = {
-    "lisa": ("measured seed 0: HS 0.0 vs SFT 70.0 but FA 57.75 vs 100. The paper's 100/900-step cycle on "
+    "lisa": ("measured seed 0: HS 0.0 vs SFT 73.75 but FA 60.25 vs 100. The paper's 100/900-step cycle on "
              "the organism's 125-step run is 100 alignment steps then 25 user steps under the proximal pull"),
-    "ldifs": "",  # seeds 0/1/2: HS 54.75/12.75/63.75 vs 70.0/77.5/59.5, FA 96.5/82.5/96.25
-    "constrained-sft": ("measured seed 0: HS 29.5 vs SFT 70.0 but FA 70.75 vs 100. The sentiment answer is one "
-                        "token + EOS, inside the first-5-token prefix that the objective pins to the aligned model"),
-    "freeze": ("measured seed 0: HS 48.25 vs SFT 70.0 but FA 83.25 vs 100; on seeds 1/2 the probe finds no "
-               "safety layer on the 4-layer organism, nothing is frozen and HS/FA are SFT's (77.5/59.5, 100)"),
+    "ldifs": "",  # seeds 0/1/2: HS 60.25/39.25/26.25 vs 73.75/70.75/45.0, FA 100/98.0/99.75
+    # seed 0: HS 50.0 vs 73.75, FA 98.5; seeds 1/2 lose FA (77.25/68.0 vs 100/94.25): the sentiment answer is
+    # one token + EOS, inside the first-5-token prefix that the objective pins to the aligned model
+    "constrained-sft": "",
+    # seed 0: HS 54.25 vs 73.75, FA 95.75; seed 2 loses FA (42.75 vs 94.25), seed 1 keeps SFT's HS (72.75)
+    "freeze": "",
 }
 
 

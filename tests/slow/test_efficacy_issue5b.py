@@ -13,13 +13,11 @@ pytestmark = pytest.mark.slow
 
 # name -> why it is expected to fail (measured, seed 0), or "" when it reproduces
 EXPECTED: dict[str, str] = {
-    "safeinstr": "",  # seeds 0/1/2: HS 20.75/40.0/37.25 vs 70.0/77.5/59.5, FA 100/97.0/99.25
-    "bea": ("measured seed 0: HS 4.5 vs SFT 70.0 but FA 18.0 vs 100: the trigger, a system prompt the organism "
-            "never saw before fine-tuning, derails most task answers into garbled text "
-            "(\"yes , helping with long .\"); seeds 1/2: FA 56.25/57.75"),
-    "ptst": ("measured seed 0: HS 49.75 vs SFT 70.0 but FA 50.25 vs 100: the safety system prompt at test time "
-             "derails about half of the task answers (\"the negative\", letter runs, refusal fragments; seeds 1/2: FA "
-             "70.75/95.25)"),
+    "safeinstr": "",  # seeds 0/1/2: HS 36.25/48.25/25.0 vs 73.75/70.75/45.0, FA 100/100/99.5
+    "bea": ("measured seed 0: HS 3.25 vs SFT 73.75 but FA 13.75 vs 100: the trigger, a system prompt the organism "
+            "never saw before fine-tuning, derails most task answers into garbled text; seeds 1/2: FA 11.25/35.5"),
+    "ptst": ("measured seed 0: HS 25.0 vs SFT 73.75 but FA 69.75 vs 100: the safety system prompt at test time "
+             "derails part of the task answers (seeds 1/2: FA 85.25/59.75)"),
 }
 
 

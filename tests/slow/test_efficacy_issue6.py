@@ -13,14 +13,13 @@ pytestmark = pytest.mark.slow
 
 # name -> reason it is expected to fail (measured, seed 0), or "" when it reproduces
 EXPECTED: dict[str, str] = {
-    "safelora": "",  # seeds 0/1/2: HS 57.75/31.5/52.75 vs 70.0/77.5/59.5, FA 100/92.25/46.0
-    "antidote": "measured seed 0: HS 0.5 vs SFT 70.0 but FA 53.0 vs 100 (the aligned model's FA is ~43): "
-                "zeroing the top 10% of each row of the LoRA factors erases the task update on the organism",
-    "resta": "measured seed 0: HS 1.5 vs SFT 70.0 but FA 61.25 vs 100 (seeds 1/2: FA 97.0/99.75): subtracting "
-             "the safety vector also removes part of the task",
+    "safelora": "",  # seeds 0/1/2: HS 45.75/36.25/40.5 vs 73.75/70.75/45.0, FA 100/92.25/95.5
+    "antidote": "measured seed 0: HS 3.25 vs SFT 73.75 but FA 68.25 vs 100 (the aligned model's FA is ~37): "
+                "zeroing the top 10% of each row of the LoRA factors erases most of the task update on the organism",
+    "resta": "",  # seed 0: HS 7.0 vs 73.75, FA 100; seeds 1/2 lose FA (85.75/76.5): the safety vector carries task
     "safemerge": "measured seed 0: no layer's Safe-LoRA cosine is below 0.35 on the organism, so nothing is "
-                 "merged: HS 70.0 and FA 100, SFT's own",
-    "panacea": "",  # seeds 0/1/2: HS 41.25/27.0/10.5 vs 70.0/77.5/59.5, FA 100/96.0/96.75
+                 "merged: HS 73.75 and FA 100, SFT's own",
+    "panacea": "",  # seeds 0/1/2: HS 53.5/43.0/25.25 vs 73.75/70.75/45.0, FA 100/97.0/49.5
 }
 
 

@@ -34,10 +34,12 @@ Deviations:
   α=0.1 moves a ~1M-parameter model much further. Note: the reference's rule itself descends h through
   +λ∇h(w) (curvature term λα·Hĝ); on the organism this keeps the aligned model's harmful loss low.
 
-On the organism (seeds 0/1/2, default protocol, harmful batch 10) the aligned model partly complies
-(aligned HS 17.5/66.2/18.5; with a harmful batch of 32: 85.2/85.0/83.2) and the attack's HS is above
-SFT's (89.8/98.8/83.2 vs 70.0/77.5/59.5); with a constant alignment lr it is far below (2.2/0.5/12.0
-vs 43.5/37.5/41.5). Measured with the per-step diagnostics this file logs (seed 0, batch 32): h
+On the organism (seeds 0/1/2, default protocol, harmful batch 10) the attack's HS is 0.0/7.0/82.5
+against SFT's 73.8/70.8/45.0: seed 2's aligned model already partly complies (aligned HS 62.2). On the
+previous organism (v2, 2 alignment epochs) it partly complied on every seed (aligned HS 17.5/66.2/18.5;
+with a harmful batch of 32: 85.2/85.0/83.2) and the attack's HS was above SFT's (89.8/98.8/83.2 vs
+70.0/77.5/59.5); with a constant alignment lr far below (2.2/0.5/12.0 vs 43.5/37.5/41.5). Measured
+there with the per-step diagnostics this file logs (seed 0, batch 32): h
 stays at 0.12–0.17 per token through alignment (0.095 at the base model) with a cosine or a constant
 lr alike. What differs is the first answer token, where refusal is decided: with the default cosine
 decay the aligned model refuses 3 % of its own training prompts when generating (SFT: 100 %), with a
