@@ -35,7 +35,7 @@ def record(path: str | Path, run_id: str, config: dict[str, Any], result: dict[s
     aligned = result.get("aligned") or {}
     row = (
         run_id, time.time(), config["defense"]["name"], config["attack"]["name"], config["task"],
-        result.get("base_model") or config["model"]["name"], config["attack"]["ratio"], config["attack"]["n"], config["seed"],
+        result["base_model"], config["attack"]["ratio"], config["attack"]["n"], config["seed"],
         result["harmful_score"], result["finetune_accuracy"],
         aligned.get("harmful_score"), aligned.get("finetune_accuracy"),
         sum(s["seconds"] for s in result["stages"]),
