@@ -72,7 +72,7 @@ def test_loss_and_gradient(organism, fmt, spread):
     want = want + lam * _direct_distance(m, organism, b)
     want.backward()
     torch.testing.assert_close(loss, want.detach().to(loss.dtype), rtol=1e-4, atol=1e-6)  # HF's CE is float32
-    assert_grads_close(got, grads(m), rtol=1e-3, atol=1e-6)
+    assert_grads_close(got, grads(m))
     assert all(p.grad is None for p in ctx.reference("aligned").parameters()), "the aligned copy stays frozen"
 
 
@@ -82,7 +82,7 @@ def test_no_distance_at_the_aligned_model(organism, fmt):
     model = copy.deepcopy(organism)
     loss = LDIFS(lam=1.0).backward(model, b, ctx)
     plain = organism(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"]).loss
-    torch.testing.assert_close(loss, plain.detach(), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(loss, plain.detach(), rtol=1e-6, atol=1e-7, check_dtype=False)  # HF's loss is float32
 
 
 @pytest.mark.parametrize("override, words", [("defense.lam=-1", "lam"), ("defense.lam=big", "lam"),

@@ -31,7 +31,7 @@ def test_perturbation_has_global_norm_rho(organism, fmt):
     e = vaccine_shifts(organism, b, attention_modules(organism), rho=2.0)
     assert all(p.grad is None for p in organism.parameters()), "pass 1 must not compute weight gradients"
     joint = torch.sqrt(sum((x ** 2).sum() for x in e))
-    torch.testing.assert_close(joint, torch.tensor(2.0), rtol=1e-5, atol=0)
+    torch.testing.assert_close(joint, torch.tensor(2.0, dtype=joint.dtype), rtol=1e-5, atol=0)
     per_layer = [x.norm() for x in e]
     assert max(per_layer) < 2.0 - 1e-3, "each layer must be scaled by the one global norm, not its own"
     norm = torch.sqrt(sum((x ** 2).sum() for x in g))
@@ -42,7 +42,7 @@ def test_perturbation_has_global_norm_rho(organism, fmt):
 def test_shift_is_added_to_every_attention_output(organism, fmt):
     b = batch(fmt)
     mods = attention_modules(organism)
-    e = [torch.randn(b["input_ids"].shape + (organism.config.hidden_size,)) for _ in mods]
+    e = [torch.randn(b["input_ids"].shape + (organism.config.hidden_size,), dtype=organism.dtype) for _ in mods]
 
     def outputs(inside_shift: bool) -> list[torch.Tensor]:
         seen = []

@@ -100,6 +100,12 @@ def _endless(feats: list, bs: int, fmt: Any, device: torch.device, seed: int) ->
             yield {k: v.to(device) for k, v in batch.items()}
 
 
+def upcast(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in float32 if it is a half-precision float, else as it is (float32 and float64 unchanged,
+    so a defense's arithmetic keeps a float64 model's precision; the gradient tests run in float64)."""
+    return t.float() if t.is_floating_point() and t.element_size() < 4 else t
+
+
 def lm_loss(model: nn.Module, batch: dict[str, torch.Tensor], by_length: bool = True) -> torch.Tensor:
     """Mean next-token cross-entropy over the labelled tokens of the batch.
 

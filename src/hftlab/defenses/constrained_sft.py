@@ -32,7 +32,7 @@ from torch import nn
 
 from ..config import rng
 from ..data.format import IGNORE
-from .base import Context, Defense, batch_pieces, label_count
+from .base import Context, Defense, batch_pieces, label_count, upcast
 
 MIN_WEIGHT = 1e-3  # the reference clamps the detached token weight from below
 
@@ -49,7 +49,7 @@ def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tenso
     """Per-position log-prob of the next label (shifted) and the mask of labelled positions."""
     labels = labels[:, 1:]
     mask = labels != IGNORE
-    logp = -F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE,
+    logp = -F.cross_entropy(upcast(logits[:, :-1].flatten(0, 1)), labels.flatten(), ignore_index=IGNORE,
                             reduction="none").view_as(labels)
     return logp, mask
 

@@ -37,7 +37,7 @@ from torch import nn
 from ..config import rng
 from ..data.format import collate
 from ..models.introspect import decoder_layers, layer_index_of
-from .base import Context, Defense
+from .base import Context, Defense, upcast
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ def last_token_states(model: nn.Module, ids: list[list[int]], pad_id: int, batch
                   use_cache=False)
             last = torch.tensor([len(x) - 1 for x in chunk], device=device)
             rows = torch.arange(len(chunk), device=device)
-            out.append(torch.stack([h[rows, last].float() for h in captured], dim=1))
+            out.append(torch.stack([upcast(h[rows, last]) for h in captured], dim=1))
     finally:
         for h in hooks:
             h.remove()

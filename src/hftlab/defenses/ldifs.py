@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ..config import rng
-from .base import Context, Defense, batch_pieces, label_count
+from .base import Context, Defense, batch_pieces, label_count, upcast
 
 
 @dataclass
@@ -35,8 +35,8 @@ class Config:
 def feature_distance(hidden: tuple[torch.Tensor, ...], ref_hidden: tuple[torch.Tensor, ...],
                      attention_mask: torch.Tensor, rows: int | None = None) -> torch.Tensor:
     """Σ_l Σ_tokens ‖h_l − h_l^ref‖² (padding excluded) / ``rows`` (default: the batch's rows: the mean)."""
-    mask = attention_mask.unsqueeze(-1).float()
-    total = sum(((h.float() - r.detach().float()).pow(2) * mask).sum() for h, r in zip(hidden, ref_hidden))
+    mask = attention_mask.unsqueeze(-1).to(hidden[0].dtype)
+    total = sum(((upcast(h) - upcast(r.detach())).pow(2) * mask).sum() for h, r in zip(hidden, ref_hidden))
     return total / (rows or attention_mask.shape[0])
 
 

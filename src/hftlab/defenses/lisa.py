@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from ..config import rng
-from .base import Context, Defense, lm_loss
+from .base import Context, Defense, lm_loss, upcast
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ class Config:
 @torch.no_grad()
 def sq_distance(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
     """Σ ‖a_i − b_i‖² over a list of tensors."""
-    return torch.stack(torch._foreach_norm(torch._foreach_sub(a, b))).float().pow(2).sum()
+    return upcast(torch.stack(torch._foreach_norm(torch._foreach_sub(a, b)))).pow(2).sum()
 
 
 @torch.no_grad()

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from ..config import rng
-from .base import Context, Defense, lm_loss
+from .base import Context, Defense, lm_loss, upcast
 
 
 @dataclass
@@ -63,7 +63,7 @@ class Panacea(Defense):
                      harmful: dict[str, torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """(ε, d): ε = ρ·∇h/‖∇h‖ and d = −λ·(∇h_c(w + ε) − ∇h(w)); the weights are left as they were."""
         g0 = _grads(lm_loss(model, harmful), params)
-        norm = torch.sqrt(sum((g.float() ** 2).sum() for g in g0))
+        norm = torch.sqrt(sum((upcast(g) ** 2).sum() for g in g0))
         eps = [self.cfg.rho * g / (norm + 1e-7) for g in g0]
         saved = [p.detach().clone() for p in params]
         with torch.no_grad():

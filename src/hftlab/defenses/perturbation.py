@@ -18,7 +18,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
-from .base import Context, batch_pieces, label_count, lm_loss, piece_loss
+from .base import Context, batch_pieces, label_count, lm_loss, piece_loss, upcast
 
 EPS = 1e-7  # added to the global norm, as in the reference
 
@@ -39,8 +39,8 @@ def require(ctx: Context, name: str, who: str) -> None:
 
 
 def global_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """sqrt(Σ ‖t‖²) over a list of tensors, in float32."""
-    return torch.sqrt(sum(t.detach().float().pow(2).sum() for t in tensors))
+    """sqrt(Σ ‖t‖²) over a list of tensors, in float32 (float64 for a float64 model)."""
+    return torch.sqrt(sum(upcast(t.detach()).pow(2).sum() for t in tensors))
 
 
 def _first(out: Any) -> torch.Tensor:
@@ -94,7 +94,7 @@ def output_grads(model: nn.Module, batch: dict[str, torch.Tensor],
 def scale_to_radius(grads: Sequence[torch.Tensor], rho: float) -> list[torch.Tensor]:
     """e_l = ρ·g_l / (‖g‖ + 1e-7), one norm over all tensors jointly."""
     scale = rho / (global_norm(grads) + EPS)
-    return [(g.float() * scale).to(g.dtype) for g in grads]
+    return [(upcast(g) * scale).to(g.dtype) for g in grads]
 
 
 @contextmanager

@@ -43,7 +43,7 @@ from torch import nn
 from ..config import rng
 from ..data.format import IGNORE
 from ..models.introspect import final_norm, mlp_modules, unwrap
-from .base import Context, Defense, lm_loss, pieces_of, row_groups
+from .base import Context, Defense, lm_loss, pieces_of, row_groups, upcast
 from .perturbation import capture_outputs, require
 
 
@@ -62,7 +62,7 @@ class Config:
 
 def mmd(x: torch.Tensor, y: torch.Tensor, kernels: int = 5, mul: float = 2.0) -> torch.Tensor:
     """Multi-kernel Gaussian MMD between samples x (n, d) and y (n, d), as the reference's MMD_loss."""
-    z = torch.cat([x, y]).float()
+    z = upcast(torch.cat([x, y]))
     sq = (z * z).sum(1)
     d2 = (sq[:, None] + sq[None, :] - 2.0 * z @ z.T).clamp_min(0.0)
     n = z.shape[0]
@@ -73,7 +73,7 @@ def mmd(x: torch.Tensor, y: torch.Tensor, kernels: int = 5, mul: float = 2.0) ->
 
 
 def shifted_ce(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    return nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+    return nn.functional.cross_entropy(upcast(logits[:, :-1].flatten(0, 1)), labels[:, 1:].flatten(),
                                        ignore_index=IGNORE, reduction=reduction)
 
 
@@ -86,7 +86,7 @@ def logit_lens_ce(model: nn.Module, hiddens: tuple[torch.Tensor, ...], labels: t
     keep = labels[:, 1:] != IGNORE
     targets = labels[:, 1:][keep]
     norm, head = final_norm(model), model.get_output_embeddings()
-    return [nn.functional.cross_entropy(head(norm(h[:, :-1][keep])).float(), targets, reduction=reduction)
+    return [nn.functional.cross_entropy(upcast(head(norm(h[:, :-1][keep]))), targets, reduction=reduction)
             for h in hiddens]
 
 
