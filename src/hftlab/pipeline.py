@@ -4,6 +4,8 @@ Each stage writes ``<out_dir>/<stage>/<hash>/`` with a ``manifest.json`` (resolv
 content hash of its inputs, library versions, seed, timings). The hash covers everything that
 determines the stage's output, including the previous stage's hash, so a stage already on disk is
 reused: a sweep aligns once per alignment config, and an interrupted run resumes at the stage it lost.
+The code of the plugins a stage runs (defense, attack, task, judge; :mod:`hftlab.code_identity`) is
+part of its hash, so editing a method's file recomputes the stages it acts in.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import torch
 
 from . import registry
 from .artifacts import content_hash, is_complete, read_json, stage_dir, stage_lock, write_json, write_manifest
+from .code_identity import code_fingerprint
 from .config import Config, ConfigError, ModelConfig, to_dict
 from .data.format import Formatter
 from .data.sources import get_source
@@ -46,10 +49,17 @@ def base_model(model: ModelConfig) -> tuple[str, str]:
     return model.name, model.name
 
 
+def plugin_code(cfg: Config) -> dict[str, str]:
+    """Code fingerprints of the run's defense, attack, task and judge."""
+    names = {"defense": cfg.defense.name, "attack": cfg.attack.name, "task": cfg.task, "judge": cfg.eval.judge}
+    return {kind: registry.code_id(kind, name) for kind, name in names.items()}
+
+
 def run_key(cfg: Config) -> str:
-    """A run's id: its resolved config and the identity of its base model, so that results computed
-    on another organism build are not reported as done."""
-    return content_hash("run", to_dict(cfg), base_model(cfg.model)[1])
+    """A run's id: its resolved config, the identity of its base model and its plugins' code, so that
+    results computed on another organism build, or with an earlier version of a method, are not
+    reported as done."""
+    return content_hash("run", to_dict(cfg), base_model(cfg.model)[1], plugin_code(cfg))
 
 
 class Pipeline:
@@ -64,6 +74,7 @@ class Pipeline:
         self.task = registry.get("task", cfg.task)()
         self.defense: Defense = registry.get("defense", cfg.defense.name)(**cfg.defense.params)
         self.base_path, self.base_id = self._base()
+        self.code = plugin_code(cfg)
         from .models.loading import load_tokenizer
 
         self.tokenizer = load_tokenizer(self.base_path, cfg.model)
@@ -85,10 +96,11 @@ class Pipeline:
         return load_model(path, self.cfg.model)
 
     def _defense_for(self, stage: str) -> tuple[Defense, dict[str, Any]]:
-        """The defense if it acts in ``stage`` (with its params for the hash), else plain SFT."""
+        """The defense if it acts in ``stage`` (with its params and code for the hash), else plain SFT."""
         if self.defense.acts_in(stage):
-            return self.defense, {"defense": self.cfg.defense.name, "params": self.cfg.defense.params}
-        return PLAIN, {}
+            return self.defense, {"defense": self.cfg.defense.name, "params": self.cfg.defense.params,
+                                  "code": self.code["defense"]}
+        return PLAIN, {"code": code_fingerprint(type(PLAIN).__module__)}
 
     def _needs(self, defense: Defense, stage: str) -> dict[str, list]:
         data: dict[str, list] = {}
@@ -123,7 +135,7 @@ class Pipeline:
         metrics = work(folder)
         seconds = time.time() - start
         manifest = {"stage": name, "hash": folder.name, "seed": self.cfg.seed, "seconds": seconds,
-                    "metrics": metrics, "config": to_dict(self.cfg)}
+                    "metrics": metrics, "config": to_dict(self.cfg), "code": self.code}
         if acc.is_main_process:
             write_manifest(folder, **manifest)
         acc.wait_for_everyone()
@@ -154,7 +166,7 @@ class Pipeline:
         cfg = self.cfg
         defense, dkey = self._defense_for("finetune")
         key = content_hash("finetune", aligned.name, asdict(cfg.finetune), asdict(cfg.attack), cfg.task,
-                           cfg.seed, dkey)
+                           cfg.seed, dkey, self.code["attack"], self.code["task"])
         folder = stage_dir(self.out, "finetune", key)
 
         def work(folder: Path) -> dict[str, Any]:
@@ -171,7 +183,7 @@ class Pipeline:
 
     def repair(self, aligned: Path, finetuned: Path) -> Path:
         cfg = self.cfg
-        key = content_hash("repair", finetuned.name, cfg.defense.name, cfg.defense.params)
+        key = content_hash("repair", finetuned.name, cfg.defense.name, cfg.defense.params, self.code["defense"])
         folder = stage_dir(self.out, "repair", key)
 
         def work(folder: Path) -> dict[str, Any]:
@@ -190,7 +202,8 @@ class Pipeline:
 
     def evaluate(self, model_dir: Path, name: str, system: str = "") -> dict[str, Any]:
         cfg = self.cfg
-        key = content_hash("evaluate", model_dir.name, asdict(cfg.eval), cfg.task, system)
+        key = content_hash("evaluate", model_dir.name, asdict(cfg.eval), cfg.task, system, self.code["judge"],
+                           self.code["task"])
         folder = stage_dir(self.out, "evaluate", key)
 
         def work(folder: Path) -> dict[str, Any]:

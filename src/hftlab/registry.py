@@ -131,6 +131,13 @@ def entry(kind: str, name: str) -> Entry:
     raise RegistryError(f"unknown {kind} '{name}'; known: {', '.join(names(kind))}")
 
 
+def code_id(kind: str, name: str) -> str:
+    """Fingerprint of the registered plugin's code and of the hftlab modules it imports (stage hashes)."""
+    from .code_identity import code_fingerprint
+
+    return code_fingerprint("hftlab." + entry(kind, name).target.partition(":")[0])
+
+
 def get(kind: str, name: str) -> Any:
     """Import and return the class registered as ``name`` for ``kind``."""
     e = entry(kind, name)
