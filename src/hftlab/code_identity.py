@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import importlib.machinery
 import importlib.util
 from functools import lru_cache
 from pathlib import Path
@@ -28,15 +29,30 @@ def _strip_docstrings(tree: ast.AST) -> ast.AST:
     return tree
 
 
-def _is_module(name: str) -> bool:
+def _spec(name: str) -> importlib.machinery.ModuleSpec | None:
+    """The module's spec (this imports its parent packages, not the module), None if there is none."""
     try:
-        return importlib.util.find_spec(name) is not None
+        return importlib.util.find_spec(name)
     except (ImportError, ValueError):
-        return False
+        return None
+
+
+def _submodules(base: str, names: list[str]) -> list[str]:
+    """Those of ``base.name`` that are modules (``from package import module``), [] if ``base`` is not a
+    package: then the names are attributes of the module ``base``."""
+    spec = _spec(base)
+    if spec is None or spec.submodule_search_locations is None:
+        return []
+    return [f"{base}.{n}" for n in names if _spec(f"{base}.{n}") is not None]
 
 
 def _imported(tree: ast.AST, module: str, package: str, root: str) -> set[str]:
-    """Names of the modules under the top-level package ``root`` that ``tree`` imports (anywhere in it)."""
+    """Names of the modules under the top-level package ``root`` that ``tree`` imports (anywhere in it).
+
+    Only names under ``root`` are looked up, so fingerprinting imports no third-party package."""
+    def under_root(name: str) -> bool:
+        return name == root or name.startswith(root + ".")
+
     out: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
@@ -44,9 +60,9 @@ def _imported(tree: ast.AST, module: str, package: str, root: str) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             base = importlib.util.resolve_name("." * node.level + (node.module or ""), package) \
                 if node.level else node.module or ""
-            subs = [f"{base}.{a.name}" for a in node.names if _is_module(f"{base}.{a.name}")]
-            out.update(subs or [base])
-    return {m for m in out if (m == root or m.startswith(root + ".")) and m != module and m not in SKIPPED}
+            if under_root(base):
+                out.update(_submodules(base, [a.name for a in node.names]) or [base])
+    return {m for m in out if under_root(m) and m != module and m not in SKIPPED}
 
 
 @lru_cache(maxsize=None)
