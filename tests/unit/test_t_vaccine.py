@@ -65,7 +65,7 @@ def test_only_sampled_attention_trains_and_is_perturbed(organism, fmt):
         p.requires_grad_(n not in frozen)
     e, want = vaccine_direct(organism, b, 3.0, layers=[1, 3])
     torch.testing.assert_close(torch.sqrt(sum((x ** 2).sum() for x in e)), torch.tensor(3.0, dtype=torch.float64),
-                               rtol=1e-5, atol=0)  # ρ·g/(‖g‖ + 1e-7)
+                               rtol=1e-6, atol=0)  # ρ·g/(‖g‖ + 1e-7): 3 − 5e-7
     assert_grads_close(got, want)
     d.teardown(organism, ctx)
     assert all(p.requires_grad for p in organism.parameters())
