@@ -234,6 +234,7 @@ def load_config(files: list[str | Path] = (), overrides: list[str] = ()) -> Conf
             raise ConfigError(f"config file '{path}' not found")
         data, origins = _with_lines(path)
         base = data.pop("base", None)
+        data.pop("tune", None)  # a defense file's strength grid: read by ``hftlab tune``, not a run key
         if base is not None:  # one level of inheritance: `base: other.yaml` relative to this file
             parent = load_flat(path.parent / base)
             flat.update(parent)
@@ -249,6 +250,7 @@ def load_flat(path: Path) -> dict[str, tuple[Any, str]]:
     if not path.is_file():
         raise ConfigError(f"config file '{path}' not found")
     data, origins = _with_lines(path)
+    data.pop("tune", None)
     return {k: (v, origins.get(k, str(path))) for k, v in _flatten(data).items()}
 
 
