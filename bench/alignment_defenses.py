@@ -1,4 +1,4 @@
-"""Alignment-stage defenses (issue 4): step time as a ratio to SFT's, and peak memory, in ONE process.
+"""Alignment-stage defenses: step time as a ratio to SFT's, and peak memory, in ONE process.
 
     python -m bench.alignment_defenses [--steps 12] [--batch-size 32] [--lora] [--harmful-like-alignment]
     python -m bench.alignment_defenses --shape llama-1b --lora   # on a GPU: the methods at 1B scale
@@ -20,7 +20,7 @@ shape (hidden 2048, 16 layers, 32 heads, 8 KV heads, intermediate 8192; the orga
 embedding is small) in bf16 on a GPU: the same data and methods, at a size where a
 GPU is busy with the matrices rather than with kernel launches.
 
-Targets (issue 4): Vaccine ≤ 1.8×, Booster ≤ 3.1×, RepNoise ≤ 2.2×, T-Vaccine below Vaccine in memory.
+Cost targets: Vaccine ≤ 1.8×, Booster ≤ 3.1×, RepNoise ≤ 2.2×, T-Vaccine below Vaccine in memory.
 """
 from __future__ import annotations
 

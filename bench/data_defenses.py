@@ -1,4 +1,4 @@
-"""Cost of the data-level fine-tuning defenses of issue 5B (safeinstr, bea, ptst) vs SFT.
+"""Cost of the data-level fine-tuning defenses (safeinstr, bea, ptst) vs SFT.
 
 Run: ``python -m bench.data_defenses [--rounds 2 --epochs 2 --methods sft,safeinstr,bea,ptst]``.
 

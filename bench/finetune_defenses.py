@@ -1,4 +1,4 @@
-"""Cost of the fine-tuning-stage defenses of issue 5A (lisa, ldifs, constrained-sft, freeze) vs SFT.
+"""Cost of the fine-tuning-stage training defenses (lisa, ldifs, constrained-sft, freeze) vs SFT.
 
 Run: ``python -m bench.finetune_defenses [--steps 30 --rounds 3 --full --model PATH]``.
 
@@ -10,7 +10,7 @@ its steps at the defaults) and ``lisa:align`` (its alignment state: an alignment
 gives the median seconds per optimiser step, its ratio to SFT's, the one-off setup time (reference
 loading, Freeze's probe), and the peak memory above the process's level before the method started
 (CUDA: ``max_memory_allocated``; CPU: peak RSS sampled every 2 ms, after ``malloc_trim``).
-Targets (issue 5): Lisa ≤ 1.1×, LDIFS and Constrained SFT ≤ 1.8× SFT's step time.
+Cost targets: Lisa ≤ 1.1×, LDIFS and Constrained SFT ≤ 1.8× SFT's step time.
 """
 from __future__ import annotations
 

@@ -4,7 +4,7 @@
 
 Runs ``hftlab run --json`` twice in a fresh run folder (the second with another harmful ratio, so it
 reuses the alignment) and prints the stage times and the peak resident memory of each run.
-Targets of the organism issue: run with alignment cached ≤ 60 s, alignment ≤ 2 min, peak ≤ 2 GB.
+The organism's cost targets: run with alignment cached ≤ 60 s, alignment ≤ 2 min, peak ≤ 2 GB.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Cost of the post-fine-tuning defenses of issue 6 relative to one fine-tuning run, in one process.
+"""Cost of the post-fine-tuning defenses relative to one fine-tuning run, in one process.
 
 Run: ``python -m bench.repair_defenses [--out-dir runs --seed 0 --methods safelora safemerge:threshold=0.6]``
 (``name:key=value:key=value`` sets a method's parameters for its row).

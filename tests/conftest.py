@@ -1,4 +1,4 @@
-"""Shared fixtures: offline, one torch thread, the organism cached once per session."""
+"""Shared fixtures: offline, one torch thread, the organism cached once per test run."""
 from __future__ import annotations
 
 import os

@@ -25,7 +25,7 @@ from .sweep import plan, run_cells
 
 log = logging.getLogger(__name__)
 
-# The core benchmark of the survey (METHODS.md priority P1), in stage order.
+# The core defenses of the survey's benchmark (those every paper compares against: "P1"), in stage order.
 P1 = ("vaccine", "booster", "repnoise", "lisa", "safeinstr", "ldifs", "constrained-sft", "safelora", "antidote")
 RATIOS = (0.0, 0.05, 0.1, 0.2)
 STRESS = (("10x lr", "lr", 10), ("3x epochs", "epochs", 3))  # (column, finetune key, factor)

@@ -142,7 +142,8 @@ class EvalConfig:
 def _align_default() -> TrainConfig:
     """The organism's alignment: full fine-tuning, lr 2e-3 decayed (cosine, which keeps benign answers
     better than a constant lr), 3 epochs (1 epoch made the alignment-stage defenses ineffective; on the
-    v3 world 3 epochs answer held-out benign prompts at 90.6 % over six seeds, 2 epochs at 89.4 %)."""
+    current world, version 3 in docs/organism.md, 3 epochs answer held-out benign prompts at 90.6 % over
+    six seeds, 2 epochs at 89.4 %)."""
     return TrainConfig(lr=2e-3, epochs=3.0, batch_size=32, schedule="cosine")
 
 

@@ -25,7 +25,7 @@ _E = Entry
 ENTRIES: list[Entry] = [
     # defenses
     _E("defense", "sft", "defenses.sft:SFT", "none", "no defense (plain supervised fine-tuning)"),
-    # -- alignment-stage defenses (issue 4) --
+    # -- alignment-stage defenses --
     _E("defense", "vaccine", "defenses.vaccine:Vaccine", "align",
        "Vaccine: Perturbation-aware Alignment for LLMs against Harmful Fine-tuning Attack (arXiv 2402.01109)"),
     _E("defense", "booster", "defenses.booster:Booster", "align",
@@ -35,7 +35,7 @@ ENTRIES: list[Entry] = [
     _E("defense", "t-vaccine", "defenses.t_vaccine:TVaccine", "align",
        "Targeted Vaccine: Safety Alignment for LLMs against Harmful Fine-Tuning via Layer-wise "
        "Perturbation (arXiv 2410.09760)"),
-    # -- fine-tuning-stage defenses (issue 5) --
+    # -- fine-tuning-stage defenses --
     _E("defense", "safeinstr", "defenses.safeinstr:SafeInstr", "finetune",
        "Safety-Tuned LLaMAs: Lessons From Improving the Safety of LLMs that Follow Instructions, "
        "arXiv 2309.07875 (also VLGuard-style mixing, arXiv 2402.02207)"),
@@ -53,7 +53,7 @@ ENTRIES: list[Entry] = [
        "Safety Alignment Should Be Made More Than Just a Few Tokens Deep, arXiv 2406.05946"),
     _E("defense", "freeze", "defenses.freeze:Freeze", "finetune",
        "Safety Layers in Aligned Large Language Models (SPPFT), arXiv 2408.17003"),
-    # -- post-fine-tuning defenses (issue 6) --
+    # -- post-fine-tuning defenses --
     _E("defense", "safelora", "defenses.safelora:SafeLoRA", "repair",
        "Safe LoRA: the Silver Lining of Reducing Safety Risks when Fine-tuning LLMs, arXiv 2405.16833"),
     _E("defense", "antidote", "defenses.antidote:Antidote", "repair",

@@ -1,4 +1,4 @@
-"""Shared pieces of the alignment-stage defense tests (issue 4): data, contexts, direct computations.
+"""Shared pieces of the alignment-stage defense tests: data, contexts, direct computations.
 
 The direct computations here are written independently of the defenses' code (their own hooks,
 full ``backward`` with ``retain_grad``), so the maths tests compare two implementations.

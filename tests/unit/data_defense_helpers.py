@@ -1,4 +1,4 @@
-"""Shared pieces of the data-level defense tests (issue 5, part B): a context, token-id probes, and a
+"""Shared pieces of the data-level defense tests: a context, token-id probes, and a
 recorder of what one pipeline run actually feeds the training loop and the generator."""
 from __future__ import annotations
 

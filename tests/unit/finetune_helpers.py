@@ -1,4 +1,4 @@
-"""Shared pieces of the fine-tuning-stage defense tests (issue 5, part A): contexts, batches, models."""
+"""Shared pieces of the fine-tuning-stage defense tests: contexts, batches, models."""
 from __future__ import annotations
 
 import copy

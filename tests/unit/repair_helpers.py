@@ -1,4 +1,4 @@
-"""Shared pieces of the post-fine-tuning defense tests (issue 6): tiny model triples, contexts, checks."""
+"""Shared pieces of the post-fine-tuning defense tests: tiny model triples, contexts, checks."""
 from __future__ import annotations
 
 import copy

@@ -1,4 +1,4 @@
-"""Antidote (issue 6): Wanda score from activations on the harmful set, row-wise top-k zeroing."""
+"""Antidote (post-fine-tuning): Wanda score from activations on the harmful set, row-wise top-k zeroing."""
 from __future__ import annotations
 
 import copy

@@ -1,5 +1,6 @@
-"""Issue 5A methods on a second architecture (a random GPT-2: Conv1D projections, fused c_attn, tuple
-outputs), with LoRA and full fine-tuning, through the loop with gradient accumulation."""
+"""The fine-tuning-stage training methods (Lisa, LDIFS, Constrained SFT, Freeze) on a second architecture
+(a random GPT-2: Conv1D projections, fused c_attn, tuple outputs), with LoRA and full fine-tuning,
+through the loop with gradient accumulation."""
 from __future__ import annotations
 
 import pytest

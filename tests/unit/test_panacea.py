@@ -1,4 +1,4 @@
-"""Panacea (issue 6): the min-max gradient, ‖ε‖ = ρ, the objective decreasing, w + ε served."""
+"""Panacea (post-fine-tuning): the min-max gradient, ‖ε‖ = ρ, the objective decreasing, w + ε served."""
 from __future__ import annotations
 
 import copy

@@ -1,4 +1,4 @@
-"""RESTA (issue 6): w ← w_ft + γ·(w_aligned − w_base), optional DARE on the fine-tuning delta."""
+"""RESTA (post-fine-tuning): w ← w_ft + γ·(w_aligned − w_base), optional DARE on the fine-tuning delta."""
 from __future__ import annotations
 
 import pytest

@@ -1,4 +1,4 @@
-"""Safe LoRA (issue 6): projection, per-layer cosine rule in both modes, PEFT/merged, second architecture."""
+"""Safe LoRA (post-fine-tuning): projection, per-layer cosine rule in both modes, PEFT/merged, second architecture."""
 from __future__ import annotations
 
 import copy

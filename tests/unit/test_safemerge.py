@@ -1,4 +1,4 @@
-"""SafeMERGE (issue 6): only layers with Safe-LoRA cosine below τ merge 0.8·ΔW_ft + 0.2·ΔW_safe."""
+"""SafeMERGE (post-fine-tuning): only layers with Safe-LoRA cosine below τ merge 0.8·ΔW_ft + 0.2·ΔW_safe."""
 from __future__ import annotations
 
 import copy

@@ -24,7 +24,7 @@ Deviations:
 - The harmful batch is drawn from the provider's harmful set of ``data.harmful_n`` samples (the paper:
   5000). Its size is ``harmful_batch_size`` = 10, the size the reference hard-codes in
   ``get_harmful_dataloader`` whatever the training batch (its scripts train with 10 too); 0 takes the
-  alignment micro-batch size instead (hftlab's default before session 6; on the organism, whose
+  alignment micro-batch size instead (an earlier hftlab default; on the organism, whose
   alignment batch is 32, ``bench/alignment_defenses.py`` measures a step at 4.97x SFT's with 32
   harmful rows and 2.42x with 10). That set is the alignment prompts with harmful answers, as in the
   reference (rows 5001–9999 of its refusal file: ``refusal`` for f, ``response`` for h); on the hub
@@ -36,7 +36,7 @@ Deviations:
 
 On the organism (seeds 0/1/2, default protocol, harmful batch 10) the attack's HS is 0.0/7.0/82.5
 against SFT's 73.8/70.8/45.0: seed 2's aligned model already partly complies (aligned HS 62.2). On the
-previous organism (v2, 2 alignment epochs) it partly complied on every seed (aligned HS 17.5/66.2/18.5;
+previous organism (version 2, docs/organism.md) it partly complied on every seed (aligned HS 17.5/66.2/18.5;
 with a harmful batch of 32: 85.2/85.0/83.2) and the attack's HS was above SFT's (89.8/98.8/83.2 vs
 70.0/77.5/59.5); with a constant alignment lr far below (2.2/0.5/12.0 vs 43.5/37.5/41.5). Measured
 there with the per-step diagnostics this file logs (seed 0, batch 32): h

@@ -6,13 +6,13 @@ Reference: omegafragger/ldifs_code, ``loss/ldifs.py`` (``LDIFSFinetune.forward``
 ``model/modeling.py`` (``ImageEncoderAugmented.get_features``: features after the embedding and after
 groups of blocks).
 
-Loss (METHODS.md): ℓ(w) + λ · mean over the batch of Σ_l ‖φ_l(w, x) − φ_l(w_aligned, x)‖², where
+Loss (the survey's summary): ℓ(w) + λ · mean over the batch of Σ_l ‖φ_l(w, x) − φ_l(w_aligned, x)‖², where
 φ_l(·, x) are the hidden states of sequence x (every non-padding token) that the HF model returns: the
 embedding output and each decoder layer's output (the last one after the final norm, as HF returns it).
 
 Deviations:
 - The reference (CLIP image encoders) normalises each feature map, averages the squared difference over
-  positions and channels and over 5 depths, with α=10. Following METHODS.md, the distance here is the raw
+  positions and channels and over 5 depths, with α=10. Following the survey's summary, the distance here is the raw
   squared L2 distance summed over tokens, dimensions and all layers, with λ=1e-4.
 - On CPU the batch runs as its length groups, like every loss here (same values up to rounding).
 """
@@ -29,7 +29,7 @@ from .base import Context, Defense, batch_pieces, label_count, upcast
 
 @dataclass
 class Config:
-    lam: float = field(default=1e-4, metadata=rng(0.0))  # λ (METHODS.md: 1e-4)
+    lam: float = field(default=1e-4, metadata=rng(0.0))  # λ (the survey's summary: 1e-4)
 
 
 def feature_distance(hidden: tuple[torch.Tensor, ...], ref_hidden: tuple[torch.Tensor, ...],

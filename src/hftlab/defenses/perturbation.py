@@ -1,4 +1,4 @@
-"""Shared machinery of the alignment-stage defenses of issue 4 (Vaccine, Booster, RepNoise, T-Vaccine).
+"""Shared machinery of the alignment-stage defenses (Vaccine, Booster, RepNoise, T-Vaccine).
 
 Vaccine's perturbation (git-disl/Vaccine ``trainer.py``, ``VaccineTrainer``), also used by Booster's
 ``perturb_aware`` option and by T-Vaccine on a subset of layers:

@@ -3,7 +3,7 @@
 Paper: Bhardwaj, Anh & Poria, "Language Models are Homer Simpson! Safety Re-Alignment of Fine-tuned
 Language Models through Task Arithmetic", ACL 2024, arXiv 2402.11746.
 Reference: declare-lab/resta — not available to this project's reference store; checked against the
-paper's abstract and the survey's summary (METHODS.md) only.
+paper's abstract and the survey's summary only.
 
 w ← w_ft + γ·(w_aligned − w_base) for every parameter. Optional DARE on the fine-tuning delta first
 (RESTA_d in the paper): each entry of w_ft − w_aligned is dropped with probability p and the survivors
@@ -12,8 +12,8 @@ are rescaled by 1/(1 − p).
 Deviations:
 - Safety vector: the paper subtracts an *unaligned* model obtained by fine-tuning the aligned model on
   harmful QA; here it is the pre-alignment base, which on the organism is exactly the model that complies
-  before alignment taught refusal (the survey's formula, METHODS.md).
-- γ = 0.5 is chosen a priori (METHODS.md: "γ tuned"); the paper's value could not be read here.
+  before alignment taught refusal (the survey's formula).
+- γ = 0.5 is chosen a priori (the survey: "γ tuned"); the paper's value could not be read here.
 - DARE is off by default (``dare_drop: 0``), i.e. plain RESTA; its random mask is seeded by ctx.seed.
 - A PEFT model is merged first; the vector is added to every parameter (task arithmetic), not only to
   the LoRA targets.
