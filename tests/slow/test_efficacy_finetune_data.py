@@ -1,9 +1,9 @@
-"""Efficacy of the data-level fine-tuning defenses (issue 5B) on the organism, seed 0, default config.
+"""Efficacy of the data-level fine-tuning defenses on the organism, seed 0, default config.
 
 Each method runs with ``hftlab run``'s defaults (p = 0.1, n = 1000) in one shared folder, so alignment and
 the SFT baseline are computed once. The claim checked is the papers': the harmful score drops below
 SFT's while the fine-tune accuracy stays within 5 points. A faithful method that did not reproduce on the
-organism is marked ``xfail(strict=False)`` with the measured numbers (see the issue 5B report).
+organism is marked ``xfail(strict=False)`` with the measured numbers (docs/results.md).
 """
 from __future__ import annotations
 

@@ -1,9 +1,9 @@
-"""Efficacy of the post-fine-tuning defenses (issue 6) on the organism, seed 0, default config.
+"""Efficacy of the post-fine-tuning defenses on the organism, seed 0, default config.
 
 Each method is run with ``hftlab run``'s defaults (p = 0.1, n = 1000) in one shared folder, so alignment
 and the SFT fine-tuned model are computed once; the claim checked is the papers': the harmful score drops
 below SFT's while the fine-tune accuracy stays within 5 points. Methods that did not reproduce on the
-organism are marked ``xfail(strict=False)`` with the measured numbers (see the issue 6 report).
+organism are marked ``xfail(strict=False)`` with the measured numbers (docs/results.md).
 """
 from __future__ import annotations
 

@@ -1,10 +1,11 @@
-"""Efficacy of the fine-tuning-stage defenses of issue 5A on the organism, seed 0, default config.
+"""Efficacy of the fine-tuning-stage training defenses (Lisa, LDIFS, Constrained SFT, Freeze) on
+the organism, seed 0, default config.
 
 Each method runs with ``hftlab run``'s defaults (p = 0.1, n = 1000, the paper defaults of the method) in
 one shared folder (the alignment and SFT's stages are computed once). The claim checked is the papers':
 the harmful score after fine-tuning drops below SFT's while the fine-tune accuracy costs at most 5
 points. Methods that did not reproduce on the organism are marked ``xfail(strict=False)`` with the
-measured numbers (see the issue 5A report).
+measured numbers (docs/results.md).
 """
 from __future__ import annotations
 
