@@ -1,4 +1,4 @@
-"""``hftlab``: run | report | list | validate.
+"""The ``hftlab`` command line (``hftlab --help`` lists its subcommands).
 
 Heavy imports (torch, transformers) happen inside commands, so ``--help`` and ``list`` are instant.
 Every command runs on the organism when given no config at all.
@@ -12,6 +12,8 @@ import os
 import sys
 from typing import Any, Sequence
 
+from .errors import UserError
+
 log = logging.getLogger("hftlab")
 
 
@@ -22,8 +24,24 @@ def _config_args(p: argparse.ArgumentParser) -> None:
                    help="dotted overrides, e.g. defense=lisa defense.rho=1 attack.ratio=0.2 finetune.lr=1e-4")
 
 
+def _executor_args(p: argparse.ArgumentParser) -> None:
+    from .executors import add_args
+
+    add_args(p)
+
+
+class _Parser(argparse.ArgumentParser):
+    """The top-level parser: its description names the subcommands registered when help is shown, so
+    the list cannot go stale when a subcommand is added."""
+
+    def format_help(self) -> str:
+        names = [name for a in self._actions if isinstance(a, argparse._SubParsersAction) for name in a.choices]
+        self.description = f"hftlab, a harmful fine-tuning lab. Commands: {', '.join(names)}."
+        return super().format_help()
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hftlab", description=__doc__.splitlines()[0] + " Harmful fine-tuning lab.")
+    parser = _Parser(prog="hftlab")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -37,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sweep", help="a grid over config keys (KEY=V1,V2 …), parallel, resumable")
     _config_args(p)
     p.add_argument("--jobs", type=int, default=1, help="cells run in parallel (1 torch thread each)")
+    _executor_args(p)
 
     p = sub.add_parser("bench", help="the survey's comparison on the organism: table, p-curves, stress, overheads")
     p.add_argument("--quick", action="store_true", help="one seed instead of three")
@@ -45,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", default="runs", help="run folders and store (default: %(default)s)")
     p.add_argument("--no-sweeps", action="store_true", help="main table only (no p-sweep, no stress)")
     p.add_argument("--defenses", default="", help="comma-separated subset (default: every registered defense)")
+    _executor_args(p)
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides for every cell")
 
     sub.add_parser("list", help="registered defenses, attacks, judges and tasks by stage")
@@ -67,28 +87,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.overrides += extra
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    from .config import ConfigError
-
     try:
         return COMMANDS[args.command](args)
-    except ConfigError as e:
+    except UserError as e:  # one line for the errors users cause; a traceback for our bugs
         print(f"hftlab: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("hftlab: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
-    except Exception as e:  # one line for the errors users cause; a traceback for our bugs
-        if _is_user_error(e):
-            print(f"hftlab: error: {e}", file=sys.stderr)
-            return 2
-        raise
-
-
-def _is_user_error(e: Exception) -> bool:
-    from .data.errors import DataError
-
-    names = {"ModelLoadError", "DataError", "RegistryError", "JudgeError"}
-    return isinstance(e, DataError) or type(e).__name__ in names
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -167,7 +173,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     grid = [o for o in args.overrides if "," in o.split("=", 1)[-1] and not o.split("=", 1)[-1].startswith("[")]
     fixed = [o for o in args.overrides if o not in grid]
-    results = run_sweep(args.config, grid, fixed, jobs=args.jobs)
+    from .executors import from_args
+
+    results = run_sweep(args.config, grid, fixed, jobs=args.jobs, executor=from_args(args))
     keys = [g.split("=", 1)[0] for g in grid if g.split("=", 1)[0] != "seed"]
     by = [{"defense": "defense.name", "attack": "attack.name"}.get(k, k) for k in keys] or ["defense.name"]
     header, body = summarise(results, by=by)
@@ -182,8 +190,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     seeds = (0,) if args.quick else (0, 1, 2)
     subset = [d for d in args.defenses.split(",") if d] or None
+    from .executors import from_args
+
     out = run_bench(Path(args.out), seeds, args.jobs, args.runs, args.overrides, sweeps=not args.no_sweeps,
-                    defenses=subset)
+                    defenses=subset, executor=from_args(args))
     print((out / "table.md").read_text())
     print(f"report: {out}/ (table.md, table.csv, table.tex, *.png)")
     return 0

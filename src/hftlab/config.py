@@ -16,8 +16,10 @@ from typing import Any
 
 import yaml
 
+from .errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A bad configuration value; its message is one line naming the key and its origin."""
 
 
@@ -115,6 +117,7 @@ class AttackConfig:
     ratio: float = field(default=0.1, metadata=rng(0.0, 1.0))
     n: int = field(default=1000, metadata=rng(1))
     seed: int = field(default=0, metadata=rng(0))  # draws the harmful subset: every defense sees the same data
+    params: dict[str, Any] = field(default_factory=dict)  # the attack's own Config (``attack.KEY=V``)
 
 
 @dataclass
@@ -137,6 +140,15 @@ class EvalConfig:
     judge_url: str = ""  # api judges: base URL of an OpenAI-compatible endpoint ("" = $HFTLAB_API_BASE or OpenAI)
     judge_key_env: str = "OPENAI_API_KEY"  # api judges: the environment variable holding the key
     judge_batch_size: int = field(default=16, metadata=rng(1))
+
+
+@dataclass
+class GuardrailConfig:
+    """The provider's filter between upload and fine-tuning: ``name`` is a registered judge that scores
+    each user sample (prompt, response); flagged samples are dropped ("" = no guardrail)."""
+
+    name: str = ""
+    threshold: float = field(default=0.5, metadata=rng(0.0, 1.0))  # on the judge's score, if it gives one
 
 
 def _align_default() -> TrainConfig:
@@ -164,6 +176,7 @@ class Config:
     attack: AttackConfig = field(default_factory=AttackConfig)
     defense: DefenseConfig = field(default_factory=DefenseConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    guardrail: GuardrailConfig = field(default_factory=GuardrailConfig)
     out_dir: str = "runs"
     store: str = ""  # SQLite path; "" = <out_dir>/results.sqlite
     threads: int = field(default=1, metadata=rng(1))
@@ -172,7 +185,7 @@ class Config:
 # Sections whose string shorthand ``section=value`` sets ``section.name``.
 _NAMED = {"model", "attack", "defense"}
 # Plugin sections whose free keys go to ``params`` and are checked against the plugin's Config.
-_PLUGIN_PARAMS = {"defense": "defense"}
+_PLUGIN_PARAMS = {"defense": "defense", "attack": "attack"}
 
 
 def _with_lines(path: Path) -> tuple[Any, dict[str, str]]:
@@ -272,7 +285,8 @@ def _set(cfg: Config, key: str, value: Any, origin: str) -> None:
     head = parts[0]
     if len(parts) == 1 and head in _NAMED and not isinstance(value, dict):
         parts = [head, "name"]
-    if head in _PLUGIN_PARAMS and len(parts) >= 2 and parts[1] not in ("name", "params"):
+    own = {f.name for f in dataclasses.fields(getattr(cfg, head))} if head in _PLUGIN_PARAMS else set()
+    if head in _PLUGIN_PARAMS and len(parts) >= 2 and parts[1] not in own:
         getattr(cfg, head).params[".".join(parts[1:])] = _Origin(value, origin)
         return
     if head in _PLUGIN_PARAMS and len(parts) >= 3 and parts[1] == "params":
@@ -408,15 +422,19 @@ def _check_plugins(cfg: Config, flat: dict[str, tuple[Any, str]]) -> None:
         except registry.RegistryError as e:
             shown = "defense" if key == "defense.name" else "attack" if key == "attack.name" else key
             raise ConfigError(f"{shown}: {e} ({origin_of(key) if key in flat else origin_of(shown)})") from None
+    if cfg.guardrail.name and cfg.guardrail.name not in registry.names("judge"):
+        raise ConfigError(f"guardrail.name: unknown judge '{cfg.guardrail.name}'; known: "
+                          f"{', '.join(registry.names('judge'))} ({origin_of('guardrail.name')})")
     cfg.defense.params = plugin_params(cfg.defense.name, cfg.defense.params)
+    cfg.attack.params = plugin_params(cfg.attack.name, cfg.attack.params, kind="attack")
 
 
-def plugin_params(name: str, raw: dict[str, Any]) -> dict[str, Any]:
-    """Validate ``defense.*`` keys against the defense's Config dataclass; returns every parameter's
-    plain value, the defaults included, so that stage and run hashes change when a default does."""
+def plugin_params(name: str, raw: dict[str, Any], kind: str = "defense") -> dict[str, Any]:
+    """Validate ``defense.*`` (or ``attack.*``) keys against the plugin's Config dataclass; returns every
+    parameter's plain value, the defaults included, so that stage and run hashes change when a default does."""
     from . import registry
 
-    cls = registry.get("defense", name)
+    cls = registry.get(kind, name)
     schema = getattr(cls, "Config", None)
     plain: dict[str, Any] = {}
     known = {f.name: f for f in dataclasses.fields(schema)} if schema else {}
@@ -424,10 +442,10 @@ def plugin_params(name: str, raw: dict[str, Any]) -> dict[str, Any]:
         value, origin = (v.value, v.origin) if isinstance(v, _Origin) else (v, "config")
         if k not in known:
             raise ConfigError(
-                f"defense.{k}: unknown parameter for defense '{name}' "
+                f"{kind}.{k}: unknown parameter for {kind} '{name}' "
                 f"(known: {', '.join(known) or 'none'}) ({origin})"
             )
-        plain[k] = coerce(value, _hint(schema, k, known[k].type), f"defense.{k}", origin, known[k].metadata)
+        plain[k] = coerce(value, _hint(schema, k, known[k].type), f"{kind}.{k}", origin, known[k].metadata)
     if schema is not None:
         inst = schema(**plain)
         check = getattr(inst, "check", None)
@@ -435,7 +453,7 @@ def plugin_params(name: str, raw: dict[str, Any]) -> dict[str, Any]:
             try:
                 check()
             except ValueError as e:
-                raise ConfigError(f"defense.{e} (defense '{name}')") from None
+                raise ConfigError(f"{kind}.{e} ({kind} '{name}')") from None
         return dataclasses.asdict(inst)
     return plain
 

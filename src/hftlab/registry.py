@@ -9,6 +9,8 @@ import importlib
 from dataclasses import dataclass
 from typing import Any
 
+from .errors import UserError
+
 
 @dataclass(frozen=True)
 class Entry:
@@ -53,6 +55,10 @@ ENTRIES: list[Entry] = [
        "Safety Alignment Should Be Made More Than Just a Few Tokens Deep, arXiv 2406.05946"),
     _E("defense", "freeze", "defenses.freeze:Freeze", "finetune",
        "Safety Layers in Aligned Large Language Models (SPPFT), arXiv 2408.17003"),
+    _E("defense", "ewc", "defenses.ewc:EWC", "finetune",
+       "Overcoming catastrophic forgetting in neural networks (EWC), arXiv 1612.00796; the baseline of Vaccine/Lisa"),
+    _E("defense", "kl", "defenses.kl:KL", "finetune",
+       "KL(p_theta || p_aligned) on alignment data: the KL baseline of Vaccine (arXiv 2402.01109)"),
     # -- post-fine-tuning defenses --
     _E("defense", "safelora", "defenses.safelora:SafeLoRA", "repair",
        "Safe LoRA: the Silver Lining of Reducing Safety Risks when Fine-tuning LLMs, arXiv 2405.16833"),
@@ -108,7 +114,7 @@ KINDS = ("defense", "attack", "judge", "task")
 STAGE_ORDER = ("none", "align", "finetune", "repair", "evaluate")
 
 
-class RegistryError(KeyError):
+class RegistryError(UserError, KeyError):
     """An unknown plugin name."""
 
     def __str__(self) -> str:  # KeyError quotes its message; we want plain text

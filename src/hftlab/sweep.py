@@ -19,16 +19,15 @@ import os
 import signal
 import sys
 import warnings
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-from tqdm.auto import tqdm
-
 from .artifacts import content_hash
 from .config import Config, ConfigError, load_config, parse_override, to_dict
+from .errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -134,9 +133,7 @@ def _work(overrides: list[str], files: list[str]) -> str:
     try:
         return run(load_config(files, overrides))["run_id"]
     except Exception as e:
-        from .cli import _is_user_error
-
-        if not _is_user_error(e):  # a bug: the traceback helps (a user's error is its message)
+        if not isinstance(e, UserError):  # a bug: the traceback helps (a user's error is its message)
             log.error("cell %s:", " ".join(overrides), exc_info=True)
         lines = str(e).strip().splitlines()
         why = f"{type(e).__name__}: {lines[-1]}" if lines else type(e).__name__
@@ -187,12 +184,13 @@ def _failure(fut: Future, cell: Cell) -> str | None:
 
 
 def run_cells(cells: Sequence[Cell], files: Sequence[str] = (), jobs: int = 1,
-              desc: str = "sweep") -> list[dict[str, Any]]:
+              desc: str = "sweep", executor: Any = None) -> list[dict[str, Any]]:
     """Run every missing cell (each run id once); return every cell's result (read from disk).
 
     One leader per alignment group is submitted first (see ``ALIGN_FIRST``); a group's other cells are
     submitted when its leader ends, so they reuse its alignment. A failed cell does not stop the others;
-    at the end a RuntimeError names the first failure."""
+    at the end a RuntimeError names the first failure. ``executor`` (:mod:`hftlab.executors`) says where
+    cells run: local worker processes by default, a Ray cluster or Slurm jobs."""
     todo = list({c.run_id: c for c in cells if not c.result_path.is_file()}.values())
     log.info("%s: %d cells, %d to run, %d already done", desc, len(cells), len(todo), len(cells) - len(todo))
     if todo:
@@ -203,26 +201,17 @@ def run_cells(cells: Sequence[Cell], files: Sequence[str] = (), jobs: int = 1,
         groups: dict[str, list[Cell]] = {}
         for c in todo:
             groups.setdefault(c.align_group(), []).append(c)
-        failures: list[str] = []
-        with _pool(jobs) as submit, tqdm(total=len(todo), desc=desc, dynamic_ncols=True) as bar:
-            leaders_first = sorted(groups.values(), key=lambda g: _priority(g[0]))
-            running = {submit(g[0], files): (g[0], g[1:]) for g in leaders_first}
-            while running:
-                done, _ = wait(running, return_when=FIRST_COMPLETED)
-                for fut in done:
-                    cell, followers = running.pop(fut)
-                    error = _failure(fut, cell)
-                    if error:
-                        failures.append(error)
-                        log.error("%s", error)
-                    bar.update(1)
-                    running.update({submit(c, files): (c, []) for c in followers})
+        if executor is None:
+            from .executors.local import LocalExecutor
+
+            executor = LocalExecutor()
+        failures = executor.run(list(groups.values()), files, jobs, desc)
         if failures:
             raise RuntimeError(f"{len(failures)} sweep cell(s) failed; first: {failures[0]}")
     return [{**json.loads(c.result_path.read_text()), "overrides": c.overrides} for c in cells]
 
 
 def run_sweep(files: Sequence[str], grid: Sequence[str], fixed: Sequence[str] = (), jobs: int = 1,
-              desc: str = "sweep") -> list[dict[str, Any]]:
+              desc: str = "sweep", executor: Any = None) -> list[dict[str, Any]]:
     """Run every missing cell of the grid; return every cell's result (finished ones read from disk)."""
-    return run_cells(plan(files, grid, fixed), files, jobs, desc)
+    return run_cells(plan(files, grid, fixed), files, jobs, desc, executor)

@@ -12,10 +12,12 @@ from typing import Any
 
 import torch
 
+from ..errors import UserError
+
 log = logging.getLogger(__name__)
 
 
-class JudgeError(ValueError):
+class JudgeError(UserError, ValueError):
     """A judge that cannot work as configured (wrong labels, missing tokens, bad endpoint); one line."""
 
 

@@ -9,11 +9,12 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig, TrainConfig
+from ..errors import UserError
 
 log = logging.getLogger(__name__)
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(UserError, RuntimeError):
     """A model or tokenizer that cannot be loaded; the message is one line."""
 
 
