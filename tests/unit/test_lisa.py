@@ -13,7 +13,7 @@ from finetune_helpers import SOURCE, make_ctx, n_labels, perturbed, user_batch
 
 from hftlab.config import ConfigError, ModelConfig, TrainConfig, load_config
 from hftlab.data.format import IGNORE, Formatter
-from hftlab.defenses.lisa import ALIGN, FINETUNE, Lisa
+from hftlab.defenses.lisa import ALIGN, FINETUNE, Lisa, planned_state
 from hftlab.models.loading import add_lora, load_model
 from hftlab.training.loop import train
 
@@ -44,7 +44,7 @@ class Spy(Lisa):
 
 def test_states_alternate_by_step_counts_and_anchor_the_other_state(organism, fmt, organism_tokenizer):
     model = add_lora(organism, TrainConfig(lora=True, lora_r=4))
-    lisa = Spy(alignment_step=2, finetune_step=3, rho=1.0)
+    lisa = Spy(schedule="steps", alignment_step=2, finetune_step=3, rho=1.0)
     ctx = make_ctx(fmt)
     train(model, fmt.encode_all(ctx.data["user"]), TrainConfig(lr=1e-3, max_steps=12, batch_size=4),
           defense=lisa, ctx=ctx, pad_id=organism_tokenizer.pad_token_id)
@@ -58,6 +58,43 @@ def test_states_alternate_by_step_counts_and_anchor_the_other_state(organism, fm
     for step, left_after in {2: 1, 4: 1, 5: 4, 6: 4, 7: 6, 9: 6, 10: 9, 11: 9}.items():
         assert same(lisa.used[step], lisa.after[left_after]), step
     assert not same(lisa.used[6], lisa.after[5]), "not the current state's own last iterate"
+
+
+def _runs(states: list[str]) -> list[tuple[str, int]]:
+    """Run-length encoding of a state sequence."""
+    out: list[tuple[str, int]] = []
+    for s in states:
+        if out and out[-1][0] == s:
+            out[-1] = (s, out[-1][1] + 1)
+        else:
+            out.append((s, 1))
+    return out
+
+
+def test_fraction_schedule_at_the_papers_length_is_100_900():
+    """The scale-free default (20 cycles, 10 % alignment) is the reference's 100/900 at 20,000 steps."""
+    states = [planned_state(s, 20000, 20, 0.1) for s in range(20000)]
+    assert _runs(states) == [(ALIGN, 100), (FINETUNE, 900)] * 20
+
+
+def test_fraction_schedule_scales_to_a_short_run():
+    """On the organism's 125 steps the user's task keeps ~90 % of the steps (the absolute 100/900 form
+    spends the first 100 on alignment data)."""
+    states = [planned_state(s, 125, 20, 0.1) for s in range(125)]
+    share = states.count(ALIGN) / 125
+    assert states[0] == ALIGN and 0.08 <= share <= 0.13, share
+    assert max(n for s, n in _runs(states) if s == FINETUNE) <= 2 * 125 / 20  # spread over the whole run
+    assert all(planned_state(s, 125, 20, 0.0) == FINETUNE for s in range(125))
+
+
+def test_fraction_schedule_drives_the_states(organism, fmt, organism_tokenizer):
+    model = add_lora(organism, TrainConfig(lora=True, lora_r=4))
+    lisa = Lisa(cycles=3, alignment_fraction=0.25, rho=1.0)
+    ctx = make_ctx(fmt)
+    train(model, fmt.encode_all(ctx.data["user"]), TrainConfig(lr=1e-3, max_steps=12, batch_size=4),
+          defense=lisa, ctx=ctx, pad_id=organism_tokenizer.pad_token_id)
+    assert [s for s, _ in lisa.history] == [planned_state(s, 12, 3, 0.25) for s in range(12)]
+    assert _runs([s for s, _ in lisa.history]) == [(ALIGN, 1), (FINETUNE, 3)] * 3
 
 
 def _weights(model, seed):
@@ -133,7 +170,7 @@ def test_gradient_accumulation_matches_big_batch(organism_path, organism_tokeniz
     for bs, ga in ((4, 1), (2, 2)):
         model = load_model(organism_path, ModelConfig()).double()  # float64: 4 SGD steps at lr 0.5 move the
         ctx = make_ctx(fmt, data=data, batch_size=bs)  # weights far (norm ~48) and amplify float32 rounding
-        lisa = Lisa(alignment_step=1, finetune_step=2, rho=1.0, proximal_after=0.0)
+        lisa = Lisa(schedule="steps", alignment_step=1, finetune_step=2, rho=1.0, proximal_after=0.0)
         cfg = TrainConfig(lr=0.5, optimizer="sgd", max_steps=4, batch_size=bs, grad_accum=ga, max_grad_norm=0)
         train(model, fmt.encode_all(data["user"]), cfg, defense=lisa, ctx=ctx,
               pad_id=organism_tokenizer.pad_token_id)
@@ -149,6 +186,8 @@ def test_gradient_accumulation_matches_big_batch(organism_path, organism_tokeniz
     ("defense.rho=-1", "rho"), ("defense.finetune_step=0", "finetune_step"),
     ("defense.alignment_step=-2", "alignment_step"), ("defense.proximal_after=1.5", "proximal_after"),
     ("defense.rho=abc", "rho"), ("defense.guide=3", "unknown parameter"),
+    ("defense.schedule=epochs", "schedule"), ("defense.cycles=0", "cycles"),
+    ("defense.alignment_fraction=1.5", "alignment_fraction"),
 ])
 def test_bad_parameters_are_config_errors(override, words):
     with pytest.raises(ConfigError, match=words):

@@ -8,14 +8,23 @@ steps, guide data = the provider's alignment set).
 
 Each optimiser step is either an *alignment* step (a batch of the provider's alignment set) or a
 *fine-tuning* step (the user's batch, which is otherwise dropped during alignment steps, as in the
-reference). The run starts in the alignment state; after ``alignment_step`` steps it switches to
-fine-tuning, after ``finetune_step`` steps back, and so on. At every switch the iterate of the state being
+reference). The run starts in the alignment state.
+
+The cycle is scale-free by default (``schedule="fraction"``): the run's optimiser steps are split into
+``cycles`` cycles (paper: 20) and the first ``alignment_fraction`` (paper: 10 %) of each cycle is
+alignment: step s is an alignment step iff (s·cycles mod total) < alignment_fraction·total. At the
+paper's 20,000 steps that is exactly the reference's 100 alignment / 900 fine-tuning steps; on a run of
+125 steps it is about one alignment step in eight, where the absolute 100/900 would spend the first
+100 of 125 steps (80 %) on alignment data. ``schedule="steps"`` keeps the reference's absolute form:
+after ``alignment_step`` steps switch to fine-tuning, after ``finetune_step`` steps back, and so on. At every switch the iterate of the state being
 left is stored; each state then adds (ρ/2)·Σ‖w − w̃‖² over the trainable weights, where w̃ is the last
 iterate of the OTHER state (the code's anchors; the README swaps them). The proximal term is off while
 fewer than ``proximal_after`` (10 %) of all steps are done. Each state's loss is the mean token
 cross-entropy of its own batch (never divided by the user batch's token count).
 
 Deviations:
+- The default cycle is the fraction form above (the paper's 10 % of 20 cycles at any run length); the
+  reference's absolute 100/900 steps is ``schedule=steps``.
 - States switch at optimiser-step boundaries; the reference counts micro-batches (``training_step``
   calls), which is the same when ``grad_accum`` = 1. The 10 % threshold is on optimiser steps too.
 - The proximal term's gradient ρ·(w − w̃) is added to ``.grad`` directly with multi-tensor ops (scaled
@@ -34,7 +43,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..config import rng
+from ..config import choices, rng
 from .base import Context, Defense, lm_loss, upcast
 
 log = logging.getLogger(__name__)
@@ -45,9 +54,18 @@ ALIGN, FINETUNE = "alignment", "finetune"
 @dataclass
 class Config:
     rho: float = field(default=1.0, metadata=rng(0.0))  # proximal strength ρ (lisa_poison_ratio.sh: RHO=1)
-    alignment_step: int = field(default=100, metadata=rng(0))  # steps per alignment state (0: never)
-    finetune_step: int = field(default=900, metadata=rng(1))  # steps per fine-tuning state
+    schedule: str = field(default="fraction", metadata=choices("fraction", "steps"))
+    cycles: int = field(default=20, metadata=rng(1))  # fraction schedule: cycles per run (paper: 20)
+    alignment_fraction: float = field(default=0.1, metadata=rng(0.0, 1.0))  # of each cycle (paper: 10 %)
+    alignment_step: int = field(default=100, metadata=rng(0))  # steps schedule: per alignment state (0: never)
+    finetune_step: int = field(default=900, metadata=rng(1))  # steps schedule: per fine-tuning state
     proximal_after: float = field(default=0.1, metadata=rng(0.0, 1.0))  # fraction of steps without proximal
+
+
+def planned_state(step: int, total: int, cycles: int, alignment_fraction: float) -> str:
+    """The fraction schedule: step ``step`` (0-based) of ``total`` is an alignment step iff it falls in
+    the first ``alignment_fraction`` of its cycle, with ``cycles`` equal cycles over the run."""
+    return ALIGN if (step * cycles) % max(total, 1) < alignment_fraction * max(total, 1) else FINETUNE
 
 
 @torch.no_grad()
@@ -73,8 +91,9 @@ class Lisa(Defense):
 
     def setup(self, model: nn.Module, ctx: Context) -> None:
         cfg = self.cfg
-        use_align = cfg.alignment_step > 0 and ctx.has("alignment")
-        if cfg.alignment_step > 0 and not use_align:
+        wants = cfg.alignment_fraction > 0 if cfg.schedule == "fraction" else cfg.alignment_step > 0
+        use_align = wants and ctx.has("alignment")
+        if wants and not use_align:
             log.warning("lisa: no alignment data in stage '%s'; only fine-tuning steps", ctx.stage)
         if use_align:
             ctx.batches("alignment")  # tokenise the guide data now, not inside the first step
@@ -112,7 +131,12 @@ class Lisa(Defense):
 
     def on_step_end(self, model: nn.Module, ctx: Context) -> None:
         self.clock += 1
-        if self.status == ALIGN and self.clock >= self.cfg.alignment_step:
+        if self.cfg.schedule == "fraction":
+            if self._use_align:
+                nxt = planned_state(len(self.history), ctx.total_steps, self.cfg.cycles, self.cfg.alignment_fraction)
+                if nxt != self.status:
+                    self._switch(nxt)
+        elif self.status == ALIGN and self.clock >= self.cfg.alignment_step:
             self._switch(FINETUNE)
         elif self.status == FINETUNE and self._use_align and self.clock >= self.cfg.finetune_step:
             self._switch(ALIGN)
@@ -121,6 +145,6 @@ class Lisa(Defense):
         """The iterate of the state being left becomes the anchor of the state entered."""
         left = self._snapshot()
         drift = float(sq_distance(left, self.anchor))
-        log.info("lisa: %s -> %s at step %d, squared drift since the last switch %.4g", self.status, to,
+        log.debug("lisa: %s -> %s at step %d, squared drift since the last switch %.4g", self.status, to,
                  len(self.history), drift)
         self.anchor, self.status, self.clock = left, to, 0
