@@ -105,7 +105,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .pipeline import run
 
     result = run(cfg)
-    from .training.loop import accelerator
+    from .runtime import accelerator
 
     if not accelerator().is_main_process:
         return 0

@@ -224,7 +224,8 @@ class Pipeline:
     def _train(self, stage: str, init: str, data: list, tcfg: Any, defense: Defense, folder: Path,
                refs: dict[str, str], adapter: Path | None = None) -> dict[str, Any]:
         from .models.loading import add_lora, load_adapter
-        from .training.loop import accelerator, train
+        from .runtime import accelerator
+        from .training.loop import train
 
         acc = accelerator(tcfg.grad_accum)
         fmt = self.formatter(tcfg.max_length)
@@ -290,7 +291,7 @@ class Pipeline:
 
 
 def _accelerator() -> Any:
-    from .training.loop import accelerator
+    from .runtime import accelerator
 
     return accelerator()
 

@@ -128,7 +128,7 @@ def _worker_init(parent: int) -> None:
 def _work(overrides: list[str], files: list[str]) -> str:
     """Run one cell in this worker (it writes result.json and its store row); return its run id."""
     from .pipeline import run
-    from .training.loop import accelerator
+    from .runtime import accelerator
 
     try:
         return run(load_config(files, overrides))["run_id"]

@@ -21,7 +21,7 @@ class ModelLoadError(UserError, RuntimeError):
 def device() -> torch.device:
     """The process's training device: its Accelerator's (the local GPU under DDP; the CPU when Accelerate was
     told to use it, e.g. ``ACCELERATE_USE_CPU=1``, even on a machine with a GPU)."""
-    from ..training.loop import accelerator
+    from ..runtime import accelerator
 
     return accelerator().device
 

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from ..config import TrainConfig
 from ..data.format import collate
 from ..defenses.base import PLAIN, Context, Defense
+from ..runtime import accelerator  # also importable from here (tests and bench scripts use it)
 
 log = logging.getLogger(__name__)
 
@@ -44,21 +45,7 @@ class TrainResult:
     tokens: int = 0
 
 
-_ACCELERATOR: Any = None
 LOG_EVERY = 10  # steps between host syncs for the loss (a sync per step stalls a GPU)
-
-
-def accelerator(grad_accum: int | None = None) -> Any:
-    """The process's single Accelerator; ``grad_accum`` (given by each training stage) configures it."""
-    global _ACCELERATOR
-    from accelerate import Accelerator
-
-    if _ACCELERATOR is None:
-        _ACCELERATOR = Accelerator(gradient_accumulation_steps=grad_accum or 1)
-    if grad_accum is not None:
-        _ACCELERATOR.gradient_accumulation_steps = grad_accum
-        _ACCELERATOR.step = 0  # its micro-step counter decides when to sync: restart it per stage
-    return _ACCELERATOR
 
 
 def total_steps(n_examples: int, cfg: TrainConfig) -> int:
