@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from align_helpers import (accumulation_matches, assert_grads_close, attention_output_grads, batch, grads,  # noqa: F401
+from align_helpers import (SOURCE, accumulation_matches, assert_grads_close, attention_output_grads, batch, grads,  # noqa: F401
                            logged_steps, make_ctx, mixed_batch, organism, second_arch_trains, tiny_gpt2, vaccine_direct)
 
 from hftlab.config import ConfigError, TrainConfig, load_config
 from hftlab.data.format import Formatter
-from hftlab.defenses.perturbation import shifted, vaccine_shifts
+from hftlab.defenses.perturbation import effective_rho, shifted, vaccine_shifts
 from hftlab.defenses.vaccine import Vaccine
 from hftlab.models.introspect import attention_modules
 from hftlab.models.loading import add_lora
@@ -134,3 +134,26 @@ def test_bad_rho_is_a_config_error():
 def test_paper_defaults_file():
     cfg = load_config([CONFIGS / "vaccine.yaml"])
     assert cfg.defense.name == "vaccine" and cfg.defense.params["rho"] == 2.0
+
+
+def test_per_example_scale_equals_rho_at_the_reference_batch():
+    assert effective_rho(2.0, 5, 5) == 2.0  # the paper's shape: ρ itself
+    assert effective_rho(2.0, 0, 32) == 2.0  # default: the reference's per-micro-batch ρ
+    assert effective_rho(2.0, 5, 20) == pytest.approx(4.0)  # ρ·√(20/5)
+
+
+@pytest.mark.parametrize("rows", [5, 20])
+def test_rho_batch_keeps_each_examples_perturbation_at_the_reference_scale(organism, fmt, rows):
+    """B identical rows share the joint norm equally: each row's perturbation is ρ_eff/√B, which with
+    rho_batch=5 is the reference's ρ/√5 at any B (and without it shrinks as 1/√B)."""
+    one = fmt.encode_all(SOURCE.alignment(4)[:1])
+    b = fmt.collate([one[0]] * rows)
+    e = vaccine_shifts(organism, b, attention_modules(organism), rho=effective_rho(2.0, 5, rows))
+    per_row = torch.sqrt(sum((x ** 2).sum(dim=tuple(range(1, x.dim()))) for x in e))
+    torch.testing.assert_close(per_row, torch.full((rows,), 2.0 / 5 ** 0.5, dtype=per_row.dtype), rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("override", ["defense.rho_batch=-1", "defense.rho_batch=abc"])
+def test_bad_rho_batch_is_a_config_error(override):
+    with pytest.raises(ConfigError, match="rho_batch"):
+        load_config(overrides=["defense=vaccine", override])

@@ -91,6 +91,17 @@ def output_grads(model: nn.Module, batch: dict[str, torch.Tensor],
     return loss.detach(), [torch.zeros_like(n) if g is None else g.detach() for n, g in zip(nodes, grads)]
 
 
+def effective_rho(rho: float, rho_batch: int, rows: int) -> float:
+    """The radius of one micro-batch's joint perturbation.
+
+    The reference normalises the perturbation over the whole micro-batch, so each of its B examples is
+    perturbed by about ρ/√B; its ρ was chosen at its own micro-batch size (Vaccine 5, T-Vaccine 10).
+    ``rho_batch`` = 0 keeps ρ per micro-batch, as the reference; ``rho_batch`` = B_ref > 0 reads ρ as
+    meant at B_ref rows and returns ρ·√(rows / B_ref), so each example is perturbed as much as in the
+    reference at any batch size (exactly ρ at rows = B_ref)."""
+    return rho * (rows / rho_batch) ** 0.5 if rho_batch else rho
+
+
 def scale_to_radius(grads: Sequence[torch.Tensor], rho: float) -> list[torch.Tensor]:
     """e_l = ρ·g_l / (‖g‖ + 1e-7), one norm over all tensors jointly."""
     scale = rho / (global_norm(grads) + EPS)

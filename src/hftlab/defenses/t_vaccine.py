@@ -19,6 +19,8 @@ its LoRA on the MLP projections (``train.py``: q,k,v,o,up,down,gate) trains in e
 Scaling S: the paper samples S=8 of Llama-2-7B's 32 layers. ``layers`` is that S and ``paper_depth``
 that 32: on an L-layer model S is rescaled to max(1, round(S·L/32)), the same fraction of the
 depth (1 of the organism's 4 layers). ``paper_depth=0`` takes ``layers`` literally (capped at L).
+``rho_batch`` works as in Vaccine (``perturbation.effective_rho``): the reference's ρ = 3 was set at a
+micro-batch of 10; ``rho_batch=10`` keeps each example's perturbation at that scale for any batch.
 
 Deviations:
 - With full fine-tuning (the organism's alignment), "the attention LoRA of a layer" becomes the
@@ -47,7 +49,7 @@ from torch.utils.checkpoint import checkpoint
 from ..config import rng
 from ..models.introspect import attention_modules, decoder_layers, unwrap
 from .base import Context, Defense
-from .perturbation import global_norm, local_model, output_grads, require, vaccine_backward
+from .perturbation import effective_rho, global_norm, local_model, output_grads, require, vaccine_backward
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +57,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class Config:
     rho: float = field(default=3.0, metadata=rng(0.0, None))  # perturbation radius ρ (README: 3)
+    rho_batch: int = field(default=0, metadata=rng(0))  # 0: ρ per micro-batch (reference); B_ref: ρ·√(B/B_ref)
     layers: int = field(default=8, metadata=rng(1))  # S, sampled layers (paper: 8 of 32)
     paper_depth: int = field(default=32, metadata=rng(0))  # depth S refers to; 0 = take S as is
     interval: int = field(default=20, metadata=rng(1))  # J, steps between samplings
@@ -146,7 +149,8 @@ class TVaccine(Defense):
                 layer._gradient_checkpointing_func = func
 
     def backward(self, model: nn.Module, batch: dict[str, torch.Tensor], ctx: Context) -> torch.Tensor:
-        return vaccine_backward(model, batch, ctx, [self.attns[i] for i in self.active], self.cfg.rho)
+        rho = effective_rho(self.cfg.rho, self.cfg.rho_batch, batch["input_ids"].shape[0])
+        return vaccine_backward(model, batch, ctx, [self.attns[i] for i in self.active], rho)
 
     def on_step_end(self, model: nn.Module, ctx: Context) -> None:
         if ctx.step < ctx.total_steps:

@@ -11,6 +11,12 @@ attention output (forward hooks) and only the perturbed loss's gradient is accum
 Works with full fine-tuning and LoRA, gradient accumulation, and any HF decoder (attention blocks
 found by type).
 
+The perturbation's scale depends on the batch. ρ is one norm over the whole micro-batch, so each
+example is perturbed by about ρ/√B: the reference's ρ = 2 was set at B = 5; at the organism's B = 32
+each example gets ~2.5× less. ``rho_batch`` = B_ref reads ρ as meant at B_ref rows and scales it by
+√(B/B_ref) (``perturbation.effective_rho``), so ``rho_batch=5`` perturbs each example as the reference
+does at any batch size; the default 0 keeps the reference's per-micro-batch ρ.
+
 Deviations:
 - Pass 1 uses ``torch.autograd.grad`` w.r.t. the attention outputs only (the reference runs a full
   ``backward`` that also computes weight gradients, then zeroes them): same e_l, cheaper, and it
@@ -29,12 +35,13 @@ from torch import nn
 from ..config import rng
 from ..models.introspect import attention_modules
 from .base import Context, Defense
-from .perturbation import vaccine_backward
+from .perturbation import effective_rho, vaccine_backward
 
 
 @dataclass
 class Config:
     rho: float = field(default=2.0, metadata=rng(0.0, None))  # perturbation radius ρ (paper: 2)
+    rho_batch: int = field(default=0, metadata=rng(0))  # 0: ρ per micro-batch (reference); B_ref: ρ·√(B/B_ref)
 
     def check(self) -> None:
         if self.rho < 0:
@@ -52,7 +59,8 @@ class Vaccine(Defense):
         self.modules = attention_modules(model)
 
     def backward(self, model: nn.Module, batch: dict[str, torch.Tensor], ctx: Context) -> torch.Tensor:
-        return vaccine_backward(model, batch, ctx, self.modules, self.cfg.rho)
+        rho = effective_rho(self.cfg.rho, self.cfg.rho_batch, batch["input_ids"].shape[0])
+        return vaccine_backward(model, batch, ctx, self.modules, rho)
 
     def teardown(self, model: nn.Module, ctx: Context) -> None:
         self.modules = []
