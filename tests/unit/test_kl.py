@@ -1,0 +1,118 @@
+"""KL regulariser: the per-token KL(policy ‖ aligned) on an alignment batch against a direct computation
+(each row alone, explicit sums over the vocabulary), and the loss ℓ_user + λ·KL with its gradient."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from align_helpers import assert_grads_close, grads, loss_of, organism  # noqa: F401
+from finetune_helpers import make_ctx, perturbed, spread_batch, user_batch
+
+from hftlab.config import ConfigError, load_config
+from hftlab.data.format import IGNORE, Formatter
+from hftlab.defenses.base import batch_pieces
+from hftlab.defenses.kl import KL, kl_term
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "defenses"
+
+
+@pytest.fixture()
+def fmt(organism_tokenizer):
+    return Formatter(organism_tokenizer, max_length=96)
+
+
+def _direct_kl(policy, aligned, b):
+    """Σ_t Σ_v p(v) log(p(v)/q(v)) at every labelled position t, each row run alone (no padding), divided
+    by the number of labelled positions of the batch."""
+    total, count = 0.0, 0
+    for row in range(b["input_ids"].shape[0]):
+        keep = b["attention_mask"][row].bool()
+        ids, labels = b["input_ids"][row][keep], b["labels"][row][keep]
+        logits = policy(input_ids=ids[None]).logits[0]
+        with torch.no_grad():
+            ref = aligned(input_ids=ids[None]).logits[0]
+        for t in range(len(ids) - 1):
+            if labels[t + 1] == IGNORE:
+                continue
+            p, q = torch.softmax(logits[t], -1), torch.softmax(ref[t], -1)
+            total = total + (p * (torch.log(p) - torch.log(q))).sum()
+            count += 1
+    return total / count
+
+
+@pytest.mark.parametrize("spread", [False, True])
+def test_kl_matches_direct_computation(organism, fmt, spread):
+    policy = perturbed(organism, 0.02)
+    b = spread_batch(fmt) if spread else user_batch(fmt, n=5)
+    assert (b["attention_mask"] == 0).any(), "the batch must contain padding"
+    assert len(batch_pieces(policy, b)) > spread  # spread: the length-grouped path on CPU
+    with torch.no_grad():
+        got = kl_term(policy, organism, b)
+        want = _direct_kl(policy, organism, b)
+        reverse = _direct_kl(organism, policy, b)
+    assert got > 0
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=0)
+    assert abs(float(want - reverse)) > 1e-6 * float(want), "the two directions differ on this batch"
+
+
+@pytest.mark.parametrize("data", ["alignment", "user"])
+def test_loss_and_gradient(organism, fmt, data):
+    lam = 5.0
+    policy = perturbed(organism, 0.02)
+    ctx, twin = make_ctx(fmt, aligned=organism), make_ctx(fmt)
+    d = KL(lam=lam, data=data)
+    d.setup(policy, ctx)
+    ub = user_batch(fmt)
+    loss = d.backward(policy, ub, ctx)
+    got = grads(policy)
+
+    kb = twin.next_batch("alignment") if data == "alignment" else ub  # the batch the KL is taken on
+    m = copy.deepcopy(policy)
+    m.zero_grad(set_to_none=True)
+    task, kl = loss_of(m, ub), _direct_kl(m, organism, kb)
+    (task + lam * kl).backward()
+    assert_grads_close(got, grads(m))
+    torch.testing.assert_close(loss.double(), (task + lam * kl).detach().double(), rtol=1e-5, atol=0)  # HF: fp32
+    assert lam * float(kl.detach()) > 0.05 * float(task.detach()), "the KL term is a real part of the loss"
+    assert all(p.grad is None for p in ctx.reference("aligned").parameters()), "the aligned copy stays frozen"
+
+
+def test_no_kl_at_the_aligned_model(organism, fmt):
+    ctx = make_ctx(fmt, aligned=organism)
+    model = copy.deepcopy(organism)
+    b = user_batch(fmt)
+    d = KL(lam=100.0)
+    d.setup(model, ctx)
+    loss = d.backward(model, b, ctx)
+    torch.testing.assert_close(loss.double(), loss_of(organism, b).detach().double(), rtol=1e-6, atol=1e-7)
+    assert float(ctx.step_metrics["kl"]) < 1e-12
+
+
+def test_each_micro_batch_draws_its_own_alignment_batch(organism, fmt):
+    ctx, twin = make_ctx(fmt, aligned=organism), make_ctx(fmt)
+    d = KL(batch_size=3)
+    d.setup(organism, ctx)
+    for _ in range(2):
+        d.backward(organism, user_batch(fmt), ctx)
+    first, second = twin.next_batch("alignment", 3), twin.next_batch("alignment", 3)
+    assert first["input_ids"].shape[0] == 3
+    assert not torch.equal(first["input_ids"][:, :8], second["input_ids"][:, :8])
+    third = ctx.next_batch("alignment", 3)  # the defense's stream is two batches in
+    assert torch.equal(third["input_ids"], twin.next_batch("alignment", 3)["input_ids"])
+
+
+@pytest.mark.parametrize("override, words", [
+    ("defense.lam=-1", "lam"), ("defense.batch_size=-1", "batch_size"), ("defense.data=harmful", "data"),
+    ("defense.lam=x", "lam"), ("defense.beta=1", "unknown parameter"),
+])
+def test_bad_parameters_are_config_errors(override, words):
+    with pytest.raises(ConfigError, match=words):
+        load_config(overrides=["defense=kl", override])
+
+
+def test_paper_defaults_file():
+    cfg = load_config([CONFIGS / "kl.yaml"])
+    assert cfg.defense.name == "kl"
+    assert KL(**cfg.defense.params).cfg == KL().cfg
