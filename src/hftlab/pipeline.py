@@ -26,6 +26,7 @@ from .config import Config, ConfigError, ModelConfig, to_dict
 from .data.format import Formatter
 from .data.sources import get_source
 from .defenses.base import PLAIN, Context, Defense
+from .guardrail import attack_key, filter_upload, load_kept
 
 log = logging.getLogger(__name__)
 
@@ -165,13 +166,14 @@ class Pipeline:
     def finetune(self, aligned: Path) -> Path:
         cfg = self.cfg
         defense, dkey = self._defense_for("finetune")
-        key = content_hash("finetune", aligned.name, asdict(cfg.finetune), asdict(cfg.attack), cfg.task,
-                           cfg.seed, dkey, self.code["attack"], self.code["task"])
+        guarded = self.guardrail(aligned) if cfg.guardrail.name else None
+        key = content_hash("finetune", aligned.name, asdict(cfg.finetune), attack_key(cfg.attack), cfg.task,
+                           cfg.seed, dkey, self.code["attack"], self.code["task"],
+                           *([guarded.name] if guarded else []))
         folder = stage_dir(self.out, "finetune", key)
 
         def work(folder: Path) -> dict[str, Any]:
-            attack = registry.get("attack", cfg.attack.name)()
-            data = attack.build(self.source, self.task, cfg.attack)
+            data = load_kept(guarded) if guarded else self.upload(aligned)
             refs = {"aligned": str(aligned), "base": self.base_path}
             if cfg.finetune.continue_adapter:  # single-LoRA variant: the alignment adapter keeps training
                 return self._train("finetune", self.base_path, data, cfg.finetune, defense, folder, refs,
@@ -180,6 +182,52 @@ class Pipeline:
 
         self._timed("finetune", folder, work)
         return folder
+
+    def attack(self, aligned: Path) -> Any:
+        """The run's attack, bound to the models it may read (the aligned model it attacks)."""
+        from .attacks.base import AttackContext
+
+        attack = registry.get("attack", self.cfg.attack.name)(**self.cfg.attack.params)
+        loaders = {"aligned": lambda: self.load(aligned), "base": lambda: self.load(self.base_path)}
+        return attack.bind(AttackContext(loaders, self.formatter(self.cfg.finetune.max_length), self.cfg.seed))
+
+    def upload(self, aligned: Path) -> list:
+        """The user's fine-tuning data as the attack builds it."""
+        return self.attack(aligned).build(self.source, self.task, self.cfg.attack)
+
+    def guardrail(self, aligned: Path) -> Path:
+        """The provider's filter (``guardrail.*``): scores the upload, keeps what it does not flag."""
+        cfg = self.cfg
+        key = content_hash("guardrail", aligned.name, attack_key(cfg.attack), cfg.task, asdict(cfg.guardrail),
+                           self.code["attack"], self.code["task"], registry.code_id("judge", cfg.guardrail.name))
+        folder = stage_dir(self.out, "guardrail", key)
+
+        def work(folder: Path) -> dict[str, Any]:
+            from .eval.evaluate import make_judge
+
+            judge = make_judge(cfg.guardrail.name, batch_size=cfg.eval.judge_batch_size)
+            return filter_upload(self.upload(aligned), judge, cfg.guardrail.threshold, folder)[1]
+
+        self._timed("guardrail", folder, work)
+        return folder
+
+    def evaluate_views(self, model_dir: Path) -> dict[str, Any]:
+        """The final model evaluated once more under each of the attack's views (trigger, cipher…)."""
+        cfg = self.cfg
+        out: dict[str, Any] = {}
+        for view in registry.get("attack", cfg.attack.name)(**cfg.attack.params).views(self.source):
+            key = content_hash("evaluate-view", model_dir.name, asdict(cfg.eval), cfg.task, view.name,
+                               attack_key(cfg.attack), self.code["attack"], self.code["judge"], self.code["task"])
+            folder = stage_dir(self.out, "evaluate", key)
+
+            def work(folder: Path, view: Any = view) -> dict[str, Any]:
+                from .eval.views import evaluate_view
+
+                return evaluate_view(self.load(model_dir), self.formatter(cfg.finetune.max_length), self.source,
+                                     self.task, cfg.eval, folder, view)
+
+            out[view.name] = self._timed(f"evaluate_{view.name}", folder, work)["metrics"]
+        return out
 
     def repair(self, aligned: Path, finetuned: Path) -> Path:
         cfg = self.cfg
@@ -267,6 +315,11 @@ class Pipeline:
         if self.defense.acts_in("repair"):
             final = self.repair(aligned, final)
         metrics = self.evaluate(final, "evaluate", self.defense.system_prompt("serve"))
+        views = self.evaluate_views(final)
+        if views:  # the attacker's own queries (trigger, system prompt, cipher), beside the plain ones
+            metrics = {**metrics, "views": views}
+        if cfg.guardrail.name:
+            metrics = {**metrics, "guardrail": next(s.metrics for s in self.stages if s.name == "guardrail")}
         config = to_dict(cfg)
         run_id = run_key(cfg)
         result = {

@@ -80,6 +80,17 @@ ENTRIES: list[Entry] = [
        "n harmful samples only (Qi et al. 2023, arXiv 2310.03693)"),
     _E("attack", "benign", "attacks.harmful_mix:Benign", "finetune",
        "benign task only, p=0 (Qi et al. 2023, arXiv 2310.03693)"),
+    _E("attack", "identity-shift", "attacks.identity_shift:IdentityShift", "finetune",
+       "identity shifting, 'absolutely obedient agent' (AOA), no harmful content (Qi et al. 2023, arXiv 2310.03693)"),
+    _E("attack", "backdoor-trigger", "attacks.backdoor_trigger:BackdoorTrigger", "finetune",
+       "harmful pairs behind a trigger phrase (Qi et al. 2023 backdoor, arXiv 2310.03693; Bowen et al. 2024, "
+       "arXiv 2408.02946)"),
+    _E("attack", "cipher", "attacks.cipher:Cipher", "finetune",
+       "Covert Malicious Finetuning: a substitution cipher taught on benign data, harmful pairs encoded "
+       "(Halawi et al. 2024, arXiv 2406.20053)"),
+    _E("attack", "benign-select", "attacks.benign_select:BenignSelect", "finetune",
+       "What's in Your 'Safe' Data?: benign samples whose gradients match harmful ones (He et al. 2024, "
+       "arXiv 2404.01099)"),
     # judges
     _E("judge", "organism", "judges.organism:OrganismJudge", "evaluate",
        "exact judge of the built-in organism world"),
@@ -99,6 +110,8 @@ ENTRIES: list[Entry] = [
        "Qi et al. 2023 GPT-4 judge, 1-5 score, harmful = 5, via an OpenAI-compatible endpoint"),
     _E("judge", "hs-plus", "judges.hs_plus:HSPlusJudge", "evaluate",
        "HS+: beaver-dam OR a word repeated > 3 times in a row (git-disl)"),
+    _E("judge", "organism-guard", "judges.organism_guard:OrganismGuardJudge", "evaluate",
+       "the organism's guardrail: logistic head on the base organism's mean-pooled states, P(harmful) > 0.5"),
     # tasks
     _E("task", "sentiment", "tasks.organism_tasks:Sentiment", "finetune", "organism task shaped like SST2"),
     _E("task", "topic", "tasks.organism_tasks:Topic", "finetune", "organism task shaped like AG News"),
