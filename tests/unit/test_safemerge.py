@@ -4,6 +4,8 @@ from __future__ import annotations
 import copy
 
 import pytest
+
+from hftlab.config import load_config
 import torch
 from repair_helpers import (as_merged, bad_param, linear_weights, lora_on, pipeline_keeps_finetuned, repair_ctx,
                             tiny_llama, tiny_qwen2, triple)
@@ -98,8 +100,18 @@ def test_safety_adapter_is_a_lora_update_trained_on_refusals(organism_tokenizer)
     assert ctx.state["safety_adapter"]["examples"] == refusals and ctx.state["safety_adapter"]["steps"] > 0
 
 
+def test_number_mode_merges_the_lowest_cosines():
+    cos = {"a": 0.9, "b": 0.1, "c": 0.5, "d": 0.1, "e": 0.7, "f": 0.3}
+    assert safemerge.merged_layers(cos, safemerge.Config(select="number", num_layers=3)) == ["b", "d", "f"]
+    assert safemerge.merged_layers(cos, safemerge.Config(select="number", fraction=0.5)) == ["b", "d", "f"]
+    assert safemerge.merged_layers(cos, safemerge.Config(select="number", fraction=0.01)) == ["b"]  # at least one
+    assert safemerge.merged_layers(cos, safemerge.Config(select="number", fraction=0.0)) == []
+    assert safemerge.merged_layers(cos, safemerge.Config(threshold=0.3)) == ["b", "d"]  # strict, the paper's
+
+
 @pytest.mark.parametrize("key, value", [("threshold", "3"), ("weights", "[0.8]"), ("weights", "[1.5, 0.2]"),
-                                        ("safety_rank", "0"), ("merge", "ties")])
+                                        ("safety_rank", "0"), ("merge", "ties"), ("select", "all"),
+                                        ("fraction", "2"), ("num_layers", "-1")])
 def test_bad_parameters_are_one_line_errors(key, value):
     bad_param("safemerge", key, value)
 
@@ -108,3 +120,13 @@ def test_pipeline_leaves_the_finetuned_model_untouched(fast_overrides):
     result = pipeline_keeps_finetuned("safemerge", fast_overrides)
     repair = next(s for s in result["stages"] if s["name"] == "repair")
     assert repair["metrics"]["layers"] == 12
+
+
+def test_number_mode_merges_on_the_organism(fast_overrides):
+    """τ = 0.35 merges no organism layer; the number mode merges the lowest-cosine quarter (3 of 12)."""
+    from hftlab.pipeline import run
+
+    result = run(load_config(overrides=[*fast_overrides, "defense=safemerge", "defense.select=number",
+                                        "defense.fraction=0.25"]))
+    repair = next(s for s in result["stages"] if s["name"] == "repair")
+    assert repair["metrics"]["merged_layers"] == 3

@@ -22,7 +22,15 @@ prompt → refusal) of the provider's alignment set (``safety_n`` of them), on t
 fine-tuning changed, with the pipeline's fine-tuning recipe (r 8, α 16, lr 1e-3, 2 epochs, batch 16).
 It is task-agnostic; it is retrained at each repair (seconds on the organism), seeded by ctx.seed.
 
+Which layers. τ = 0.35 is a cosine measured on 7B-wide layers; the cosine of an update with the
+alignment subspace depends on the layers' width and the update's rank, and on the organism no layer
+falls below it (the repair is then a no-op). ``select="number"`` merges the N layers with the lowest
+cosine instead, N = ``num_layers`` or a ``fraction`` of the fine-tuned layers (Safe LoRA's reference
+offers this "number" mode for the same reason; default fraction 10/64 as in safelora.py). The default
+stays the paper's threshold.
+
 Deviations:
+- ``select="number"`` is not in the SafeMERGE reference (it is Safe LoRA's).
 - The safety data are the organism's refusals, not a public safety set (see above), and the adapter is
   trained here, only when some layer is below τ.
 - ``merge="cat"`` (and the fallback to it) is not in the reference.
@@ -48,7 +56,10 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Config:
-    threshold: float = field(default=0.35, metadata=rng(-1.0, 1.0))  # merge where cos < threshold
+    select: str = field(default="threshold", metadata=choices("threshold", "number"))
+    threshold: float = field(default=0.35, metadata=rng(-1.0, 1.0))  # select=threshold: merge where cos < τ
+    fraction: float = field(default=10 / 64, metadata=rng(0.0, 1.0))  # select=number: share of the layers
+    num_layers: int = field(default=0, metadata=rng(0))  # select=number: > 0 sets the count itself
     weights: list[float] = field(default_factory=lambda: [0.8, 0.2])  # [fine-tuned, safety]
     merge: str = field(default="linear", metadata=choices("linear", "cat"))
     safety_n: int = field(default=1000, metadata=rng(1))  # refusal samples for the safety adapter
@@ -88,6 +99,15 @@ def train_safety_adapter(aligned: nn.Module, names: list[str], ctx: Context, cfg
     return model.eval()
 
 
+def merged_layers(cosines: dict[str, float], cfg: Config) -> list[str]:
+    """The layers to merge: cos < τ (the paper), or the N lowest cosines (ties by name), N =
+    ``num_layers`` or max(1, round(``fraction`` · layers)) (Safe LoRA's "number" mode)."""
+    if cfg.select == "threshold":
+        return [n for n, c in cosines.items() if c < cfg.threshold]
+    n = cfg.num_layers or (max(1, round(cfg.fraction * len(cosines))) if cfg.fraction else 0)
+    return sorted(cosines, key=lambda k: (cosines[k], k))[:n]
+
+
 def linear_merge(ft: tuple, safe: tuple, weights: list[float]) -> torch.Tensor:
     """PEFT's per-layer ``linear`` combination of two LoRA factor sets (A, B, s): ΔW = B·A."""
     a = b = 0
@@ -111,7 +131,7 @@ class SafeMERGE(Defense):
         model = plain(model)
         aligned = ctx.reference("aligned")
         cosines = layer_cosines(model, aligned, ctx.reference("base"))
-        below = [n for n, c in cosines.items() if c < self.cfg.threshold]
+        below = merged_layers(cosines, self.cfg)
         safe_model = train_safety_adapter(aligned, list(cosines), ctx, self.cfg) if below else None
         safe = _factors(safe_model)
         linear = all(n in ft and n in safe and ft[n][0].shape[0] == safe[n][0].shape[0] for n in below) and bool(ft)
@@ -129,7 +149,7 @@ class SafeMERGE(Defense):
                                        "merge": ("linear" if linear else "cat") if below else None,
                                        "min_cos": min(cosines.values(), default=None),
                                        "safety_adapter": ctx.state.get("safety_adapter")}
-        log.info("safemerge: merged %d of %d layers (cos < %.3g)", len(below), len(cosines), self.cfg.threshold)
+        log.info("safemerge: merged %d of %d layers (%s)", len(below), len(cosines), self.cfg.select)
         return model
 
 
