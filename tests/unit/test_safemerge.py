@@ -4,13 +4,12 @@ from __future__ import annotations
 import copy
 
 import pytest
-
-from hftlab.config import load_config
 import torch
 from repair_helpers import (as_merged, bad_param, linear_weights, lora_on, pipeline_keeps_finetuned, repair_ctx,
                             tiny_llama, tiny_qwen2, triple)
 from torch import nn
 
+from hftlab.config import load_config
 from hftlab.defenses import safemerge
 from hftlab.defenses.safemerge import SafeMERGE, train_safety_adapter
 
