@@ -57,27 +57,26 @@ def select_rows(rows: Sequence[dict[str, Any]], where: Sequence[str] = ()) -> tu
 
 
 def organism_cells(rows: Sequence[dict[str, Any]], table: Table, preset: str) -> tuple[dict, list[str]]:
-    """``(method, p) → [(HS, FA) per seed]`` for one table and preset (the newest run per seed), preferring
-    runs with the table's n; a preset lacking a method falls back to its default preset (noted)."""
-    index: dict[tuple, dict[int, tuple[float, float, int]]] = {}
+    """``(method, p) → [(HS, FA) per seed]`` for one table and preset (the newest run per seed), from the
+    runs with the table's n, else from the n with most seeds (noted); a preset lacking a method falls back
+    to its default preset (noted)."""
+    index: dict[tuple, dict[int, dict[int, tuple[float, float]]]] = {}
     for r in rows:  # oldest first: a newer run of the same seed replaces an older one
         key = (r["defense"], preset_of(r), r["task"], round(float(r["ratio"]), 6))
-        index.setdefault(key, {})[r["seed"]] = (r["harmful_score"], r["finetune_accuracy"], r["n"])
+        index.setdefault(key, {}).setdefault(r["n"], {})[r["seed"]] = (r["harmful_score"], r["finetune_accuracy"])
     cells, notes = {}, []
     for m in table.cells:
         for p in table.cells[m]:
             for pr in dict.fromkeys((preset, "default")):
-                seeds = index.get((m, pr, table.twin, round(p, 6)))
-                if not seeds:
+                by_n = index.get((m, pr, table.twin, round(p, 6)))
+                if not by_n:
                     continue
-                same_n = {s: v for s, v in seeds.items() if v[2] == table.n}
-                use = same_n or seeds
-                if not same_n:
-                    ns = sorted({v[2] for v in use.values()})
-                    notes.append(f"{m} at p = {p}: organism n = {ns}, paper n = {table.n}")
+                n = table.n if table.n in by_n else max(by_n, key=lambda k: (len(by_n[k]), k))
+                if n != table.n:
+                    notes.append(f"{m} at p = {p}: organism n = {n}, paper n = {table.n}")
                 if pr != preset:
                     notes.append(f"{m} at p = {p}: no {preset} run, its default preset is used")
-                cells[(m, p)] = [(hs, fa) for hs, fa, _ in use.values()]
+                cells[(m, p)] = list(by_n[n].values())
                 break
     return cells, notes
 

@@ -182,12 +182,12 @@ def load_published_row(method: str, p: float, hs: float, condition: str = ""):
 # ---- bench.agreement end to end on a tiny store ----
 
 def _record(path: Path, defense: str, ratio: float, seed: int, hs: float, fa: float, preset: str | None = None,
-            lr: float = 2e-3, task: str = "sentiment") -> None:
+            lr: float = 2e-3, task: str = "sentiment", n: int = 1000) -> None:
     config = {"defense": {"name": defense, "params": {"preset": preset} if preset else {}},
-              "attack": {"name": "harmful-mix", "ratio": ratio, "n": 1000, "seed": 0}, "task": task, "seed": seed,
+              "attack": {"name": "harmful-mix", "ratio": ratio, "n": n, "seed": 0}, "task": task, "seed": seed,
               "finetune": {"lr": lr}, "out_dir": "runs"}
     result = {"base_model": "organism-test", "harmful_score": hs, "finetune_accuracy": fa, "stages": [], "metrics": {}}
-    store.record(path, f"{defense}-{preset}-{ratio}-{seed}-{lr}-{task}", config, result)
+    store.record(path, f"{defense}-{preset}-{ratio}-{seed}-{lr}-{task}-{n}", config, result)
 
 
 def test_bench_agreement_on_tiny_store(tmp_path):
@@ -203,17 +203,22 @@ def test_bench_agreement_on_tiny_store(tmp_path):
             _record(db, m, 0.1, seed, hs + seed, fa)
         _record(db, "vaccine", 0.1, seed, 80 + seed, 96, preset="tuned")  # tuned vaccine: worse than SFT here
     _record(db, "sft", 0.1, 0, 0.0, 30, lr=2e-2)  # a stress cell: left out of the protocol
+    _record(db, "sft", 0.1, 0, 0.0, 30, n=5000)  # another n: the paper's n = 1000 is preferred
+    _record(db, "vaccine", 0.05, 0, 50.0, 90, n=500)  # only another n: used, and noted
     out = tmp_path / "report"
     main(["--store", str(db), "--published", str(published), "--out", str(out), "--boot", "200"])
     summary = json.loads((out / "agreement.json").read_text())
-    assert summary["runs_in_store"] == 16 and summary["runs_used"] == 15
+    assert summary["runs_in_store"] == 18 and summary["runs_used"] == 17
     assert any("finetune.lr" in n for n in summary["left_out"])
     by = {(t["paper_table"], t["task"], t["preset"]): t for t in summary["tables"]}
     default = by[("Table 1", "SST2", "default")]
     assert default["ratios"] == [0.1] and default["hs"]["tau"] == pytest.approx(1.0)
+    assert default["hs"]["organism"]["sft"] == pytest.approx(71.0)  # seeds 0-2 at n = 1000 only
+    assert "vaccine at p = 0.05: organism n = 500, paper n = 1000" in default["organism_notes"]
     assert default["hs"]["tau_low"] <= 1.0 <= default["hs"]["tau_high"]
     assert (default["hs"]["sign_agree"], default["hs"]["sign_total"]) == (3, 3)
     assert {"method": "sft", "p": 0.05} in default["missing"] and default["not_in_hftlab"] == ["Vlguard"]
+    assert {"method": "vaccine", "p": 0.05} not in default["missing"]
     tuned = by[("Table 1", "SST2", "tuned")]  # vaccine from its tuned runs, the other methods from their default
     assert tuned["hs"]["organism"]["vaccine"] == pytest.approx(81.0)
     assert (tuned["hs"]["sign_agree"], tuned["hs"]["sign_total"]) == (2, 3)
