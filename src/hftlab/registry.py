@@ -59,6 +59,8 @@ ENTRIES: list[Entry] = [
        "Overcoming catastrophic forgetting in neural networks (EWC), arXiv 1612.00796; the baseline of Vaccine/Lisa"),
     _E("defense", "kl", "defenses.kl:KL", "finetune",
        "KL(p_theta || p_aligned) on alignment data: the KL baseline of Vaccine (arXiv 2402.01109)"),
+    _E("defense", "asft", "defenses.asft:AsFT", "finetune",
+       "AsFT: Anchoring Safety During LLM Fine-Tuning Within Narrow Safety Basin, arXiv 2506.08473"),
     # -- post-fine-tuning defenses --
     _E("defense", "safelora", "defenses.safelora:SafeLoRA", "repair",
        "Safe LoRA: the Silver Lining of Reducing Safety Risks when Fine-tuning LLMs, arXiv 2405.16833"),
