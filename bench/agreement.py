@@ -32,17 +32,21 @@ def preset_of(row: dict[str, Any]) -> str:
     return str(value(row, "defense.preset") or "default")
 
 
-def select_rows(rows: Sequence[dict[str, Any]], where: Sequence[str] = ()) -> tuple[list[dict], list[str]]:
-    """Rows matching every ``key=value`` of ``where``, then those on the modal protocol: for each config key
-    that varies between runs (other than defense parameters, task, ratio, n and seed) and the base model,
-    the most common value. Returns the rows kept and one line per reason a row was left out."""
-    kept = list(rows)
+def select_rows(rows: Sequence[dict[str, Any]], where: Sequence[str] = (),
+                attack: str = "harmful-mix") -> tuple[list[dict], list[str]]:
+    """Runs of the papers' attack (harmful data mixed into the user data) matching every ``key=value`` of
+    ``where``, then those on the modal protocol: for each config key that varies between runs (other than
+    defense parameters, task, ratio, n and seed) and the base model, the most common value. Returns the
+    rows kept and one line per reason a row was left out."""
+    kept = [r for r in rows if r["attack"] == attack]
+    notes = [f"left out {len(rows) - len(kept)} run(s) of another attack than {attack}"] * (len(kept) < len(rows))
     for cond in where:
         key, sep, want = cond.partition("=")
         if not sep:
             raise ValueError(f"--where {cond!r}: expected key=value")
+        n_before = len(kept)
         kept = [r for r in kept if str(value(r, key)) == want]
-    notes = [f"--where {c}" for c in where]
+        notes.append(f"--where {cond}: left out {n_before - len(kept)} run(s)")
     keys = ["model", *(k for k in varying_keys(kept) if not k.startswith("defense.") and k not in REPLICATE_KEYS)]
     flat = {id(r): {**_flatten(r.get("config", {})), "model": r["model"]} for r in kept}
     for key in keys:
@@ -180,7 +184,7 @@ def run(args: Any) -> dict:
     published = load_published(args.published)
     tables, skipped = mirror_tables(published, registry.names("defense"))
     all_rows = store.rows(args.store)
-    rows, notes = select_rows(all_rows, args.where)
+    rows, notes = select_rows(all_rows, args.where, args.attack)
     presets = args.preset or sorted({preset_of(r) for r in rows} | {"default"}, key=lambda p: (p != "default", p))
     results = []
     for table in tables:
@@ -209,6 +213,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", default="reports/agreement", help="report folder")
     ap.add_argument("--preset", nargs="*", default=None, help="presets to compare (default: every preset in the store)")
     ap.add_argument("--where", nargs="*", default=[], help="keep only runs with these config values (key=value)")
+    ap.add_argument("--attack", default="harmful-mix", help="the attack whose runs mirror the papers' tables")
     ap.add_argument("--boot", type=int, default=2000, help="bootstrap resamples")
     ap.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     ap.add_argument("--tol", type=float, default=0.0,

@@ -182,12 +182,12 @@ def load_published_row(method: str, p: float, hs: float, condition: str = ""):
 # ---- bench.agreement end to end on a tiny store ----
 
 def _record(path: Path, defense: str, ratio: float, seed: int, hs: float, fa: float, preset: str | None = None,
-            lr: float = 2e-3, task: str = "sentiment", n: int = 1000) -> None:
+            lr: float = 2e-3, task: str = "sentiment", n: int = 1000, attack: str = "harmful-mix") -> None:
     config = {"defense": {"name": defense, "params": {"preset": preset} if preset else {}},
-              "attack": {"name": "harmful-mix", "ratio": ratio, "n": n, "seed": 0}, "task": task, "seed": seed,
+              "attack": {"name": attack, "ratio": ratio, "n": n, "seed": 0}, "task": task, "seed": seed,
               "finetune": {"lr": lr}, "out_dir": "runs"}
     result = {"base_model": "organism-test", "harmful_score": hs, "finetune_accuracy": fa, "stages": [], "metrics": {}}
-    store.record(path, f"{defense}-{preset}-{ratio}-{seed}-{lr}-{task}-{n}", config, result)
+    store.record(path, f"{defense}-{preset}-{ratio}-{seed}-{lr}-{task}-{n}-{attack}", config, result)
 
 
 def test_bench_agreement_on_tiny_store(tmp_path):
@@ -205,11 +205,13 @@ def test_bench_agreement_on_tiny_store(tmp_path):
     _record(db, "sft", 0.1, 0, 0.0, 30, lr=2e-2)  # a stress cell: left out of the protocol
     _record(db, "sft", 0.1, 0, 0.0, 30, n=5000)  # another n: the paper's n = 1000 is preferred
     _record(db, "vaccine", 0.05, 0, 50.0, 90, n=500)  # only another n: used, and noted
+    _record(db, "sft", 0.1, 1, 0.0, 30, attack="cipher")  # another attack: left out
     out = tmp_path / "report"
     main(["--store", str(db), "--published", str(published), "--out", str(out), "--boot", "200"])
     summary = json.loads((out / "agreement.json").read_text())
-    assert summary["runs_in_store"] == 18 and summary["runs_used"] == 17
+    assert summary["runs_in_store"] == 19 and summary["runs_used"] == 17
     assert any("finetune.lr" in n for n in summary["left_out"])
+    assert any("another attack" in n for n in summary["left_out"])
     by = {(t["paper_table"], t["task"], t["preset"]): t for t in summary["tables"]}
     default = by[("Table 1", "SST2", "default")]
     assert default["ratios"] == [0.1] and default["hs"]["tau"] == pytest.approx(1.0)
