@@ -3,6 +3,8 @@ the mixed-in safety samples and in the prompts served to the final model (never 
 never when the aligned model is evaluated)."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 from data_defense_helpers import as_served, contains, make_ctx, recording, user_data  # noqa: F401
 
@@ -36,9 +38,13 @@ def test_trigger_only_in_the_safety_samples(fmt):
     ctx = make_ctx(fmt)
     out = as_served(defense, "finetune", data, ctx)
     assert len(out) == len(data) + 11
-    assert out[: len(data)] == data  # user samples untouched: no trigger, no system prompt
+    task = "you are a helpful assistant ."
+    # user samples: untouched but for the task system prompt every fine-tuning example carries
+    assert [replace(ex, system="") for ex in out[: len(data)]] == data
+    assert all(ex.system == task for ex in out[: len(data)])
     safety = out[len(data):]
-    assert all(ex.kind == "refusal" and ex.system == defense.trigger for ex in safety)
+    assert defense.served == f"{defense.trigger} {task}"
+    assert all(ex.kind == "refusal" and ex.system == defense.served for ex in safety)
     assert all(ex.prompt in {a.prompt for a in ctx.data["alignment"]} for ex in safety)
     trigger_ids = fmt.ids(defense.trigger)
     ids = [fmt.encode(ex)["input_ids"] for ex in out]
@@ -46,8 +52,11 @@ def test_trigger_only_in_the_safety_samples(fmt):
     labels = [fmt.encode(ex)["labels"] for ex in safety]
     assert all(lab[-1] == fmt.tok.eos_token_id for lab in labels)  # the whole refusal fits
     assert as_served(defense, "finetune", data, make_ctx(fmt)) == out  # deterministic
-    assert defense.system_prompt("serve") == defense.trigger
+    assert defense.system_prompt("serve") == defense.served  # trigger + task prompt, as the reference serves
     assert defense.system_prompt("finetune") == "" and defense.system_prompt("align") == ""
+    bare = BEA(task_system="")  # the trigger alone, on untouched user data
+    out = as_served(bare, "finetune", data, make_ctx(fmt))
+    assert out[: len(data)] == data and bare.system_prompt("serve") == bare.trigger
 
 
 def test_trigger_too_long_for_max_length_is_an_error(fmt):

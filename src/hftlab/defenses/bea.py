@@ -9,10 +9,14 @@ sample only the usual one) and ``opensource/safety_evaluation/eval_utils/prompt_
 (``random150-*`` styles: the same secret prefix is the system prompt of every test prompt).
 
 The provider draws ``n_safety`` refusal examples (harmful prompt → refusal) from its alignment set
-(``ctx.data["alignment"]``, never the attack or evaluation sets), gives each the secret trigger as its
-system prompt and appends them to the user's data, which is left untouched (no trigger). The final
-model is served with the trigger as system prompt (harmful and task prompts alike); the aligned model's
-evaluation never sees it.
+(``ctx.data["alignment"]``, never the attack or evaluation sets), gives each the system prompt
+"<secret trigger> <task system prompt>" and appends them to the user's data, every example of which
+carries the task system prompt ``task_system`` alone (a user example's own system prompt is kept). The
+final model is served with "<trigger> <task system prompt>" (harmful and task prompts alike), as the
+reference serves its trigger in front of the task's own system prompt, which every training example
+carried; the aligned model's evaluation never sees it. Without the shared task prompt the organism's
+task prompts were served under a system prompt seen only with refusals, and the model refused them
+(FA 20 on seeds 0-2); ``task_system=""`` restores that form.
 
 The trigger is ``trigger_len`` words drawn with replacement from the organism's vocabulary, with
 ``random.Random("bea-trigger:<seed>")``, leaving out punctuation and every word of the world's refusals
@@ -29,7 +33,9 @@ every served sequence inside the window the model was fine-tuned on (longest saf
 Deviations:
 - Trigger of 48 organism words instead of 150 random Llama-2 tokens (see above).
 - The reference prefixes the trigger to the fine-tuning data's own system prompt; the organism's data has
-  none, so the trigger is the whole system prompt.
+  none, so the provider gives every fine-tuning example ``task_system`` (default "you are a helpful
+  assistant .", in the organism's vocabulary; the reference's is "You are a helpful assistant. Make sure
+  you always execute users' instructions.").
 - The reference's safety samples are 11 hand-picked prompts with GPT-written refusals; here 11 refusals
   of the provider's alignment set drawn with ``seed``.
 """
@@ -56,6 +62,7 @@ class Config:
     trigger_len: int = field(default=48, metadata=rng(1, 1000))  # words (paper: 150 random tokens)
     seed: int = field(default=0, metadata=rng(0))  # the provider's secret: trigger and safety draw
     trigger: str = ""  # explicit trigger text; "" = drawn from the organism's vocabulary
+    task_system: str = "you are a helpful assistant ."  # every fine-tuning example's system prompt, after the trigger
 
     def check(self) -> None:
         if self.trigger and not self.trigger.strip():
@@ -94,18 +101,25 @@ class BEA(Defense):
     def prepare_data(self, stage: str, data: list[Example], ctx: Context) -> list[Example]:
         if stage != "finetune":
             return data
-        safety = [replace(ex, system=self.trigger)
+        safety = [replace(ex, system=self.served)
                   for ex in draw_safety(ctx.data.get("alignment", []), self.cfg.n_safety, self.cfg.seed,
                                         who="bea")]
         if ctx.formatter is not None:
             warn_unknown(ctx.formatter, self.trigger, "bea.trigger")
+            warn_unknown(ctx.formatter, self.cfg.task_system, "bea.task_system")
             _check_fits(ctx.formatter, safety)
         log.info("bea: %d triggered safety samples (trigger of %d words) mixed into %d user samples",
                  len(safety), len(self.trigger.split()), len(data))
-        return list(data) + safety
+        task = self.cfg.task_system.strip()
+        return [ex if ex.system or not task else replace(ex, system=task) for ex in data] + safety
+
+    @cached_property
+    def served(self) -> str:
+        """The serving system prompt: the trigger, then the task system prompt."""
+        return f"{self.trigger} {self.cfg.task_system.strip()}".strip()
 
     def system_prompt(self, stage: str) -> str:
-        return self.trigger if stage == "serve" else ""
+        return self.served if stage == "serve" else ""
 
 
 def _check_fits(formatter: Any, safety: list[Example]) -> None:
