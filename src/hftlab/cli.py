@@ -75,6 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--by", default="auto",
                    help="columns or config keys to group by; auto: model (an organism build by its hash), "
                         "defense, attack, task, ratio, n and every config key that differs between runs")
+
+    p = sub.add_parser("analyze", help="mechanistic analyses (drift, shallow KL, gradients, weights, basin, "
+                                       "refusal direction, dynamics) of runs, a sweep, or any models: JSON + PNG")
+    from .analysis.command import add_arguments
+
+    add_arguments(p)
     return parser
 
 
@@ -199,7 +205,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "sweep": cmd_sweep, "bench": cmd_bench, "validate": cmd_validate, "list": cmd_list, "report": cmd_report}
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from .analysis.command import main as analyze_main
+
+    return analyze_main(args)
+
+
+COMMANDS = {"analyze": cmd_analyze, "run": cmd_run, "sweep": cmd_sweep, "bench": cmd_bench, "validate": cmd_validate, "list": cmd_list, "report": cmd_report}
 
 if __name__ == "__main__":
     sys.exit(main())
