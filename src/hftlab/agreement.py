@@ -171,6 +171,19 @@ class Table:
         return f"{self.paper_title.split(':')[0]} ({self.arxiv_id}) {self.table}, {self.model}, {self.task}"
 
 
+def _not_mirrored(r: Published, twin: str | None) -> str | None:
+    """Why the organism cannot mirror this published cell, or None."""
+    if not r.task:
+        return "no task"
+    if twin is None:
+        return f"task {r.task} has no organism twin"
+    if r.p is None:
+        return "no harmful ratio"
+    if not is_default_condition(r.condition):
+        return f"condition {r.condition}"
+    return None
+
+
 def mirror_tables(rows: Sequence[Published], known: Sequence[str]) -> tuple[list[Table], list[str]]:
     """Group the published rows into tables the organism can mirror (a task with an organism twin, a harmful
     ratio, the default condition). Returns the tables and one line per group of rows that cannot be mirrored."""
@@ -178,9 +191,7 @@ def mirror_tables(rows: Sequence[Published], known: Sequence[str]) -> tuple[list
     skipped: dict[str, int] = {}
     for r in rows:
         twin = TASK_TWINS.get(r.task.lower().replace("-", "").replace(" ", ""))
-        why = ("no task" if not r.task else None if twin else f"task {r.task} has no organism twin") or \
-              (None if r.p is not None else "no harmful ratio") or \
-              (None if is_default_condition(r.condition) else f"condition {r.condition}")
+        why = _not_mirrored(r, twin)
         if why:
             key = f"{r.arxiv_id} {r.table}: {why}"
             skipped[key] = skipped.get(key, 0) + 1
