@@ -85,8 +85,49 @@ def test_no_distance_at_the_aligned_model(organism, fmt):
     torch.testing.assert_close(loss, plain.detach(), rtol=1e-6, atol=1e-7, check_dtype=False)  # HF's loss is float32
 
 
+def _mlp_outputs(model, b):
+    """Each decoder layer's MLP output, read directly from the modules (``model.model.layers[i].mlp``)."""
+    outs = []
+    hooks = [layer.mlp.register_forward_hook(lambda _m, _i, o: outs.append(o)) for layer in model.model.layers]
+    model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+    for h in hooks:
+        h.remove()
+    return outs
+
+
+def test_git_disl_variant_loss_and_gradient(organism, fmt):
+    """ℓ + Σ_l (ρ/2)·‖a_l − a_l^ref‖² over MLP outputs (batch sum, padding excluded), each layer kept only
+    when its term is below ``drop``: checked against a direct computation with a drop that splits the layers."""
+    rho = 0.5
+    organism = copy.deepcopy(organism).double()
+    policy = perturbed(organism, 0.02)
+    b = user_batch(fmt, n=5)
+    mask = b["attention_mask"].unsqueeze(-1).double()
+    with torch.no_grad():
+        terms = [rho / 2 * (((a - r) ** 2) * mask).sum() for a, r in zip(_mlp_outputs(policy, b), _mlp_outputs(organism, b))]
+    ordered = sorted(float(t) for t in terms)
+    drop = (ordered[1] + ordered[2]) / 2  # two layers kept, two dropped
+    ctx = make_ctx(fmt, aligned=organism)
+    d = LDIFS(lam=rho, variant="git-disl", drop=drop)
+    d.setup(policy, ctx)
+    loss = d.backward(policy, b, ctx)
+    got = grads(policy)
+    assert ctx.step_metrics["ldifs_layers_kept"] == 2
+
+    m = copy.deepcopy(policy)
+    m.zero_grad(set_to_none=True)
+    want = m(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"]).loss
+    for a, r, t in zip(_mlp_outputs(m, b), _mlp_outputs(organism, b), terms):
+        if float(t) < drop:
+            want = want + rho / 2 * (((a - r.detach()) ** 2) * mask).sum()
+    want.backward()
+    torch.testing.assert_close(loss, want.detach().to(loss.dtype), rtol=1e-6, atol=1e-9)
+    assert_grads_close(got, grads(m))
+
+
 @pytest.mark.parametrize("override, words", [("defense.lam=-1", "lam"), ("defense.lam=big", "lam"),
-                                             ("defense.lambda=1", "unknown parameter")])
+                                             ("defense.lambda=1", "unknown parameter"),
+                                             ("defense.variant=clip", "variant"), ("defense.drop=-1", "drop")])
 def test_bad_parameters_are_config_errors(override, words):
     with pytest.raises(ConfigError, match=words):
         load_config(overrides=["defense=ldifs", override])

@@ -10,6 +10,20 @@ Loss (the survey's summary): ℓ(w) + λ · mean over the batch of Σ_l ‖φ_l(
 φ_l(·, x) are the hidden states of sequence x (every non-padding token) that the HF model returns: the
 embedding output and each decoder layer's output (the last one after the final norm, as HF returns it).
 
+Two variants (``variant``):
+- ``hidden`` (default): the loss above, the paper's idea (features of every depth) at the scale of the
+  formula the harmful-fine-tuning survey states; its λ is searched on the organism by ``hftlab tune``.
+- ``git-disl``: the LDIFS baseline of the git-disl repositories (Lisa, Booster, Vaccine; ``trainer.py``
+  ``LDIFSTrainer``): forward hooks on each decoder layer's MLP block; per layer the term
+  (ρ/2)·‖a_l(w) − a_l(w_aligned)‖² summed over the whole batch (not averaged over rows), and a layer
+  whose term is ≥ ``drop`` (0.1; the reference's guard against overflow) is left out of that step's
+  loss. ρ is ``lam``. Padding positions are excluded (the reference sums them too; here a length-grouped
+  batch would otherwise change the loss).
+The default stays ``hidden`` because the git-disl form's drop rule makes it a no-op wherever the MLP
+outputs have moved by more than √(0.2/ρ) in norm, which depends on width and batch size (a 1M-parameter
+model with 16 rows and a 7B one with 10 rows differ by orders of magnitude), so its paper value does not
+carry over; both are calibrated by ``hftlab tune``.
+
 Deviations:
 - The reference (CLIP image encoders) normalises each feature map, averages the squared difference over
   positions and channels and over 5 depths, with α=10. Following the survey's summary, the distance here is the raw
@@ -23,13 +37,30 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..config import rng
-from .base import Context, Defense, batch_pieces, label_count, upcast
+from ..config import choices, rng
+from ..models.introspect import mlp_modules
+from .base import Context, Defense, batch_pieces, label_count, lm_loss, upcast
+from .perturbation import capture_outputs, local_model
 
 
 @dataclass
 class Config:
-    lam: float = field(default=1e-4, metadata=rng(0.0))  # λ (the survey's summary: 1e-4)
+    lam: float = field(default=1e-4, metadata=rng(0.0))  # λ (the survey's summary: 1e-4); ρ of git-disl
+    variant: str = field(default="hidden", metadata=choices("hidden", "git-disl"))
+    drop: float = field(default=0.1, metadata=rng(0.0))  # git-disl: a layer's term ≥ drop is left out
+
+
+def mlp_terms(acts: list[torch.Tensor], ref_acts: list[torch.Tensor], attention_mask: torch.Tensor,
+              rho: float) -> list[torch.Tensor]:
+    """git-disl's per-layer terms (ρ/2)·Σ_rows,tokens ‖a_l − a_l^ref‖² (padding excluded)."""
+    mask = attention_mask.unsqueeze(-1)
+    return [rho / 2 * ((upcast(a) - upcast(r.detach())).pow(2) * mask.to(upcast(a).dtype)).sum()
+            for a, r in zip(acts, ref_acts)]
+
+
+def kept_sum(terms: list[torch.Tensor], drop: float) -> torch.Tensor:
+    """Σ of the terms below ``drop`` (the reference's ``if proximal_loss < 0.1: loss += proximal_loss``)."""
+    return sum((t for t in terms if float(t.detach()) < drop), torch.zeros((), dtype=terms[0].dtype, device=terms[0].device))
 
 
 def feature_distance(hidden: tuple[torch.Tensor, ...], ref_hidden: tuple[torch.Tensor, ...],
@@ -53,6 +84,8 @@ class LDIFS(Defense):
         """On CPU the batch runs as its length groups (as ``lm_loss``): the same sums over the same tokens
         divided by the batch's label count and rows, without the padding compute."""
         ref_model = ctx.reference("aligned")
+        if self.cfg.variant == "git-disl":
+            return self._git_disl(model, ref_model, batch, ctx)
         pieces = batch_pieces(model, batch)
         kw = {"num_items_in_batch": label_count(batch)} if len(pieces) > 1 else {}
         rows = batch["input_ids"].shape[0]
@@ -65,5 +98,23 @@ class LDIFS(Defense):
                 ref = ref_model(**inputs)
             loss = loss + out.loss + self.cfg.lam * feature_distance(out.hidden_states, ref.hidden_states,
                                                                      piece["attention_mask"], rows)
+        ctx.backward(loss)
+        return loss.detach()
+
+    def _git_disl(self, model: nn.Module, ref_model: nn.Module, batch: dict[str, torch.Tensor],
+                  ctx: Context) -> torch.Tensor:
+        """ℓ + Σ_l [(ρ/2)·‖a_l − a_l^ref‖² if < drop] over the MLP outputs, the whole batch at once (the
+        drop rule needs each layer's whole-batch term)."""
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+        with capture_outputs(mlp_modules(local_model(model))) as acts:
+            loss = lm_loss(model, batch, by_length=False)
+        with torch.no_grad(), capture_outputs(mlp_modules(ref_model)) as ref_acts:
+            ref_model(**inputs)
+        n = len(acts)
+        terms = mlp_terms([acts[i] for i in range(n)], [ref_acts[i] for i in range(n)], batch["attention_mask"],
+                          self.cfg.lam)
+        kept = kept_sum(terms, self.cfg.drop)
+        ctx.step_metrics["ldifs_layers_kept"] = sum(float(t.detach()) < self.cfg.drop for t in terms)
+        loss = loss + kept.to(loss.dtype)
         ctx.backward(loss)
         return loss.detach()
