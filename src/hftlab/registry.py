@@ -61,6 +61,8 @@ ENTRIES: list[Entry] = [
        "KL(p_theta || p_aligned) on alignment data: the KL baseline of Vaccine (arXiv 2402.01109)"),
     _E("defense", "asft", "defenses.asft:AsFT", "finetune",
        "AsFT: Anchoring Safety During LLM Fine-Tuning Within Narrow Safety Basin, arXiv 2506.08473"),
+    _E("defense", "safegrad", "defenses.safegrad:SafeGrad", "finetune",
+       "SafeGrad: Gradient Surgery for Safe LLM Fine-Tuning, arXiv 2508.07172"),
     # -- post-fine-tuning defenses --
     _E("defense", "safelora", "defenses.safelora:SafeLoRA", "repair",
        "Safe LoRA: the Silver Lining of Reducing Safety Risks when Fine-tuning LLMs, arXiv 2405.16833"),

@@ -1,0 +1,111 @@
+"""SafeGrad: the accumulated gradient equals the direct computation of g̃_u + w·g_a, with g̃_u the user
+gradient projected onto the normal plane of the alignment gradient when they conflict (both branches),
+and the KL(aligned ‖ policy) alignment loss against explicit sums over the vocabulary."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from align_helpers import assert_grads_close, grads, loss_of, organism  # noqa: F401
+from finetune_helpers import SOURCE, make_ctx, perturbed
+
+from hftlab.config import ConfigError, load_config
+from hftlab.data.format import IGNORE, Formatter
+from hftlab.defenses.safegrad import SafeGrad, kl_to_aligned, surgery
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "defenses"
+CONFLICT, AGREE = slice(4, 8), slice(0, 4)  # user batches whose gradient conflicts / agrees with g_a (probed)
+
+
+@pytest.fixture()
+def fmt(organism_tokenizer):
+    return Formatter(organism_tokenizer, max_length=96)
+
+
+def _user(fmt, rows):
+    return fmt.collate(fmt.encode_all(SOURCE.harmful("attack", 8)[rows]))
+
+
+def _direct_kl(policy, aligned, b):
+    """Σ_t Σ_v q(v) log(q(v)/p(v)), q the aligned model's, at each labelled position, rows run alone."""
+    total, count = 0.0, 0
+    for row in range(b["input_ids"].shape[0]):
+        keep = b["attention_mask"][row].bool()
+        ids, labels = b["input_ids"][row][keep], b["labels"][row][keep]
+        logits = policy(input_ids=ids[None]).logits[0]
+        with torch.no_grad():
+            ref = aligned(input_ids=ids[None]).logits[0]
+        for t in range(len(ids) - 1):
+            if labels[t + 1] != IGNORE:
+                p, q = torch.softmax(logits[t], -1), torch.softmax(ref[t], -1)
+                total, count = total + (q * (torch.log(q) - torch.log(p))).sum(), count + 1
+    return total / count
+
+
+def _flat_grad(model, fn):
+    m = copy.deepcopy(model)
+    m.zero_grad(set_to_none=True)
+    fn(m).backward()
+    return {n: p.grad.detach().clone() for n, p in m.named_parameters()}
+
+
+@pytest.mark.parametrize("align_loss", ["kl", "sft"])
+@pytest.mark.parametrize("rows, conflict", [(CONFLICT, True), (AGREE, False)])
+def test_gradient_matches_direct_surgery(organism, fmt, align_loss, rows, conflict):
+    w = 0.5
+    policy = perturbed(organism, 0.02)  # away from the aligned model, so that the KL has a gradient
+    ctx, twin = make_ctx(fmt, aligned=organism), make_ctx(fmt)
+    d = SafeGrad(align_loss=align_loss, align_weight=w)
+    d.setup(policy, ctx)
+    ub = _user(fmt, rows)
+    d.backward(policy, ub, ctx)
+    got = grads(policy)
+
+    ab = twin.next_batch("alignment")  # the alignment batch the defense drew
+    a_fn = (lambda m: _direct_kl(m, organism, ab)) if align_loss == "kl" else (lambda m: loss_of(m, ab))
+    gu, ga = _flat_grad(policy, lambda m: loss_of(m, ub)), _flat_grad(policy, a_fn)
+    dot = sum((gu[n] * ga[n]).sum() for n in gu)
+    assert (dot < 0) == conflict, float(dot)
+    if conflict:
+        na2 = sum((ga[n] ** 2).sum() for n in ga)
+        gu = {n: gu[n] - dot / na2 * ga[n] for n in gu}
+        assert abs(float(sum((gu[n] * ga[n]).sum() for n in gu))) < 1e-9 * float(na2)
+    assert_grads_close(got, {n: gu[n] + w * ga[n] for n in gu})
+    assert float(ctx.step_metrics["projected"]) == float(conflict)
+
+
+def test_kl_alignment_loss_matches_direct(organism, fmt):
+    policy = perturbed(organism, 0.02)
+    b = fmt.collate(fmt.encode_all(SOURCE.alignment(64)[:6]))
+    assert (b["attention_mask"] == 0).any()
+    with torch.no_grad():
+        got, want = kl_to_aligned(policy, organism, b), _direct_kl(policy, organism, b)
+    assert got > 0
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=0)
+
+
+def test_surgery_rule():
+    a = [torch.tensor([1.0, 0.0]), torch.tensor([0.0])]
+    u, cos = surgery([torch.tensor([-2.0, 3.0]), torch.tensor([5.0])], a)
+    assert [x.tolist() for x in u] == [[0.0, 3.0], [5.0]] and float(cos) < 0
+    u, cos = surgery([torch.tensor([2.0, 3.0]), torch.tensor([5.0])], a)  # no conflict: unchanged
+    assert [x.tolist() for x in u] == [[2.0, 3.0], [5.0]] and float(cos) > 0
+    u, _ = surgery([torch.tensor([-2.0, 3.0])], [torch.zeros(2)])  # g_a = 0: nothing to project on
+    assert u[0].tolist() == [-2.0, 3.0]
+
+
+@pytest.mark.parametrize("override, words", [
+    ("defense.align_loss=dpo", "align_loss"), ("defense.align_weight=-1", "align_weight"),
+    ("defense.batch_size=-2", "batch_size"), ("defense.rho=1", "unknown parameter"),
+])
+def test_bad_parameters_are_config_errors(override, words):
+    with pytest.raises(ConfigError, match=words):
+        load_config(overrides=["defense=safegrad", override])
+
+
+def test_paper_defaults_file():
+    cfg = load_config([CONFIGS / "safegrad.yaml"])
+    assert cfg.defense.name == "safegrad"
+    assert SafeGrad(**cfg.defense.params).cfg == SafeGrad().cfg
