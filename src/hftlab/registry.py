@@ -95,6 +95,9 @@ ENTRIES: list[Entry] = [
     _E("attack", "benign-select", "attacks.benign_select:BenignSelect", "finetune",
        "What's in Your 'Safe' Data?: benign samples whose gradients match harmful ones (He et al. 2024, "
        "arXiv 2404.01099)"),
+    _E("attack", "virus", "attacks.virus:Virus", "finetune",
+       "Virus: harmful samples optimised to pass a guardrail, gradient kept close to the harmful one "
+       "(Huang et al. 2025, arXiv 2501.17433)"),
     # judges
     _E("judge", "organism", "judges.organism:OrganismJudge", "evaluate",
        "exact judge of the built-in organism world"),

@@ -29,8 +29,8 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class GuardSpec:
-    n_harmful: int = 1000  # provider harmful samples (positives)
-    n_safe: int = 2000  # alignment samples (negatives: refusals, chat, task format)
+    n_harmful: int = 500  # provider harmful samples (positives)
+    n_safe: int = 1000  # alignment samples (negatives: refusals, chat, task format)
     heldout: float = 0.2
     l2: float = 1e-3
     seed: int = 0
