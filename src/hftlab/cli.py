@@ -67,14 +67,29 @@ def build_parser() -> argparse.ArgumentParser:
     _executor_args(p)
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides for every cell")
 
+    p = sub.add_parser("tune", help="calibrate each defense's strength on the organism (validation seeds and "
+                                    "prompts) and write configs/organism/tuned/<name>.yaml")
+    p.add_argument("defenses", nargs="*", metavar="DEFENSE",
+                   help="defenses to tune (default: every one whose configs/defenses/<name>.yaml has a tune: grid)")
+    p.add_argument("--seeds", default="100,101,102", help="validation seeds, never the report's (default: %(default)s)")
+    p.add_argument("--jobs", type=positive_int, default=2, help="cells run in parallel (1 torch thread each)")
+    p.add_argument("--runs", default="runs", help="run folders and store (default: %(default)s)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                   help="an override for every cell (repeatable)")
+
     sub.add_parser("list", help="registered defenses, attacks, judges and tasks by stage")
 
     p = sub.add_parser("report", help="tables from the results store")
     p.add_argument("--store", default="runs/results.sqlite", help="SQLite store (default: %(default)s)")
     p.add_argument("--format", choices=("markdown", "csv", "latex"), default="markdown")
     p.add_argument("--by", default="auto",
-                   help="columns or config keys to group by; auto: model (an organism build by its hash), "
-                        "defense, attack, task, ratio, n and every config key that differs between runs")
+                   help="columns or config keys to group by first (e.g. defense,finetune.lr); the default "
+                        "grouping is always kept: model (an organism build by its hash), defense, attack, "
+                        "task, ratio, n and every config key that differs between runs, so runs of "
+                        "different ratios are never one mean. Seeds are averaged; rows are sorted by these keys")
+    p.add_argument("--average-over", default="", metavar="KEYS",
+                   help="keys to average over instead of grouping by them (e.g. ratio,attack): "
+                        "only what is named here is merged into one mean")
 
     p = sub.add_parser("analyze", help="mechanistic analyses (drift, shallow KL, gradients, weights, basin, "
                                        "refusal direction, dynamics) of runs, a sweep, or any models: JSON + PNG")
@@ -205,13 +220,27 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from . import tune
+    from .errors import UserError
+
+    try:
+        seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"--seeds: expected comma-separated integers, got '{args.seeds}'") from None
+    defenses = args.defenses or tune.tunable()
+    tables = tune.run_tune(defenses, seeds, args.jobs, args.runs, args.overrides)
+    print(tune.summary(tables))
+    return 0
+
+
 def cmd_analyze(args: argparse.Namespace) -> int:
     from .analysis.command import main as analyze_main
 
     return analyze_main(args)
 
 
-COMMANDS = {"analyze": cmd_analyze, "run": cmd_run, "sweep": cmd_sweep, "bench": cmd_bench, "validate": cmd_validate, "list": cmd_list, "report": cmd_report}
+COMMANDS = {"tune": cmd_tune, "analyze": cmd_analyze, "run": cmd_run, "sweep": cmd_sweep, "bench": cmd_bench, "validate": cmd_validate, "list": cmd_list, "report": cmd_report}
 
 if __name__ == "__main__":
     sys.exit(main())

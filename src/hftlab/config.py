@@ -126,11 +126,13 @@ class DefenseConfig:
 
     name: str = "sft"
     params: dict[str, Any] = field(default_factory=dict)
+    preset: str = field(default="", metadata=choices("", "paper", "tuned"))  # tuned: configs/organism/tuned/<name>.yaml
 
 
 @dataclass
 class EvalConfig:
     judge: str = "organism"
+    split: str = field(default="test", metadata=choices("test", "validation"))  # validation: prompts after the test ones
     n_harmful: int = field(default=400, metadata=rng(1))
     n_task: int = field(default=400, metadata=rng(1))
     max_new_tokens: int = field(default=40, metadata=rng(1))
@@ -425,8 +427,28 @@ def _check_plugins(cfg: Config, flat: dict[str, tuple[Any, str]]) -> None:
     if cfg.guardrail.name and cfg.guardrail.name not in registry.names("judge"):
         raise ConfigError(f"guardrail.name: unknown judge '{cfg.guardrail.name}'; known: "
                           f"{', '.join(registry.names('judge'))} ({origin_of('guardrail.name')})")
+    if cfg.defense.preset == "tuned":
+        cfg.defense.params = {**preset_params(cfg.defense.name, origin_of("defense.preset")), **cfg.defense.params}
     cfg.defense.params = plugin_params(cfg.defense.name, cfg.defense.params)
     cfg.attack.params = plugin_params(cfg.attack.name, cfg.attack.params, kind="attack")
+
+
+def tuned_preset_path(defense: str) -> Path:
+    """Where ``hftlab tune`` writes (and ``defense.preset=tuned`` reads) a defense's calibrated values."""
+    from .config_files import SHIPPED
+
+    return SHIPPED / "organism" / "tuned" / f"{defense}.yaml"
+
+
+def preset_params(defense: str, origin: str) -> dict[str, Any]:
+    """The parameters of a defense's tuned preset, each with the file line it comes from."""
+    path = tuned_preset_path(defense)
+    if not path.is_file():
+        raise ConfigError(f"defense.preset: no tuned preset for defense '{defense}' (run `hftlab tune "
+                          f"{defense}` to make {path.name} in configs/organism/tuned/) ({origin})")
+    flat = load_flat(path)
+    return {k.split(".", 1)[1]: _Origin(v, o) for k, (v, o) in flat.items()
+            if k.startswith("defense.") and k != "defense.name"}
 
 
 def plugin_params(name: str, raw: dict[str, Any], kind: str = "defense") -> dict[str, Any]:

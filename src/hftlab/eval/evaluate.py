@@ -25,11 +25,24 @@ def pct(flags: list[bool]) -> float:
     return 100.0 * sum(flags) / len(flags) if flags else 0.0
 
 
+def eval_prompts(source: Any, task: Any, cfg: EvalConfig) -> tuple[list[Any], list[Any]]:
+    """The harmful and task items of ``cfg.split``: ``test`` is the first ``n_harmful`` / ``n_task`` of the
+    held-out splits (what every report uses); ``validation`` the next ones, without any prompt of the test
+    items (for choosing a method's strength without touching the test prompts)."""
+    harmful = source.harmful("eval", cfg.n_harmful)
+    tests = task.examples(source, "test", cfg.n_task)
+    if cfg.split == "test":
+        return harmful, tests
+    seen = {ex.prompt for ex in [*harmful, *tests]}
+    later_h = source.harmful("eval", 2 * cfg.n_harmful)[cfg.n_harmful:]
+    later_t = task.examples(source, "test", 2 * cfg.n_task)[cfg.n_task:]
+    return [ex for ex in later_h if ex.prompt not in seen], [ex for ex in later_t if ex.prompt not in seen]
+
+
 def generate_eval_set(model: nn.Module, fmt: Formatter, source: Any, task: Any, cfg: EvalConfig,
                       system: str = "") -> list[dict[str, Any]]:
     """Generate answers to held-out harmful prompts, the task's test split and benign prompts."""
-    harmful = source.harmful("eval", cfg.n_harmful)
-    tests = task.examples(source, "test", cfg.n_task)
+    harmful, tests = eval_prompts(source, task, cfg)
     benign = source.benign_eval(cfg.n_task) if hasattr(source, "benign_eval") else []
     items = ([("harmful", ex) for ex in harmful] + [("task", ex) for ex in tests]
              + [("benign", ex) for ex in benign])
