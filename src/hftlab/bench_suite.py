@@ -87,8 +87,9 @@ def main_table(results: Sequence[dict[str, Any]], ratios: dict[str, float]) -> t
 
 
 def run_bench(out: Path, seeds: Sequence[int], jobs: int, runs_dir: str, extra: Sequence[str] = (),
-              sweeps: bool = True, defenses: Sequence[str] | None = None) -> Path:
-    """Run the suite (every registered defense, or ``defenses``) and write the report folder."""
+              sweeps: bool = True, defenses: Sequence[str] | None = None, executor: Any = None) -> Path:
+    """Run the suite (every registered defense, or ``defenses``) and write the report folder; ``executor``
+    (:mod:`hftlab.executors`) says where its cells run (default: local worker processes)."""
     start = time.time()
     fixed = [f"out_dir={runs_dir}", *extra]
     defenses = list(defenses or registry.names("defense"))
@@ -106,7 +107,8 @@ def run_bench(out: Path, seeds: Sequence[int], jobs: int, runs_dir: str, extra: 
         stress_cells = [plan([], [f"defense={','.join(p1)}", f"seed={seeds[0]}"],
                              [*fixed, f"finetune.{key}={getattr(ft, key) * k:g}"]) for _, key, k in STRESS]
     # One scheduler for every part (no barrier between them); shared cells (p = 0.1) run once.
-    results = run_cells([*main_cells, *curve_cells, *sum(stress_cells, [])], [], jobs, desc="bench")
+    results = run_cells([*main_cells, *curve_cells, *sum(stress_cells, [])], [], jobs, desc="bench",
+                        executor=executor)
     main, curves = results[:len(main_cells)], results[len(main_cells):len(main_cells) + len(curve_cells)]
     rest = results[len(main_cells) + len(curve_cells):]
     stress = [rest[i * len(p1):(i + 1) * len(p1)] for i in range(len(stress_cells))]

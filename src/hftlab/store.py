@@ -1,11 +1,20 @@
-"""The SQLite results store: one row per finished run (config, metrics, timings)."""
+"""The SQLite results store: one row per finished run (config, metrics, timings).
+
+Safe with many concurrent writers on one host or on a shared disk with working locks (local cells,
+Ray workers, Slurm jobs): WAL mode, a busy timeout, and retries while the database is locked.
+"""
 from __future__ import annotations
 
 import json
+import logging
+import random
 import sqlite3
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -21,13 +30,43 @@ CREATE TABLE IF NOT EXISTS runs (
 """
 
 
+# Many writers share one store (parallel cells, Ray workers, Slurm jobs): each waits up to BUSY_S for
+# SQLite's lock, and an operation that still finds the database locked is retried with backoff.
+BUSY_S = 60.0
+RETRY_S = 300.0
+
+
+def _retry(op: Callable[[], T]) -> T:
+    """``op()``, retried while SQLite says the database is locked or busy (for up to RETRY_S)."""
+    deadline, delay = time.monotonic() + RETRY_S, 0.05
+    while True:
+        try:
+            return op()
+        except sqlite3.OperationalError as e:
+            if not any(w in str(e) for w in ("locked", "busy")) or time.monotonic() > deadline:
+                raise
+            log.debug("store busy (%s); retrying in %.2fs", e, delay)
+            time.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, 2.0)
+
+
 def connect(path: str | Path) -> sqlite3.Connection:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    con = sqlite3.connect(path, timeout=60)
-    con.execute("PRAGMA journal_mode=WAL")
-    con.execute(SCHEMA)
-    return con
+
+    def open_() -> sqlite3.Connection:
+        con = sqlite3.connect(path, timeout=BUSY_S)
+        try:
+            con.execute(f"PRAGMA busy_timeout={int(BUSY_S * 1000)}")
+            if con.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                con.execute("PRAGMA journal_mode=WAL")  # readers never block the writer
+            con.execute(SCHEMA)
+        except BaseException:
+            con.close()
+            raise
+        return con
+
+    return _retry(open_)
 
 
 def record(path: str | Path, run_id: str, config: dict[str, Any], result: dict[str, Any]) -> None:
@@ -42,12 +81,15 @@ def record(path: str | Path, run_id: str, config: dict[str, Any], result: dict[s
         json.dumps(config, sort_keys=True), json.dumps(result.get("metrics", {}), sort_keys=True),
         json.dumps(result["stages"]),
     )
-    con = connect(path)
-    try:
-        with con:
-            con.execute(f"INSERT OR REPLACE INTO runs VALUES ({','.join('?' * len(row))})", row)
-    finally:
-        con.close()
+    def write() -> None:
+        con = connect(path)
+        try:
+            with con:
+                con.execute(f"INSERT OR REPLACE INTO runs VALUES ({','.join('?' * len(row))})", row)
+        finally:
+            con.close()
+
+    _retry(write)
 
 
 def rows(path: str | Path, where: str = "", params: tuple = ()) -> list[dict[str, Any]]:
