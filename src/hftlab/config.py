@@ -182,6 +182,8 @@ class Config:
     out_dir: str = "runs"
     store: str = ""  # SQLite path; "" = <out_dir>/results.sqlite
     threads: int = field(default=1, metadata=rng(1))
+    # Experiment tracker a finished run is sent to (hftlab.tracking); not part of the run's identity.
+    report_to: str = field(default="none", metadata=choices("none", "wandb", "mlflow"))
 
 
 # Sections whose string shorthand ``section=value`` sets ``section.name``.

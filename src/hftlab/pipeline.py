@@ -60,7 +60,15 @@ def run_key(cfg: Config) -> str:
     """A run's id: its resolved config, the identity of its base model and its plugins' code, so that
     results computed on another organism build, or with an earlier version of a method, are not
     reported as done."""
-    return content_hash("run", to_dict(cfg), base_model(cfg.model)[1], plugin_code(cfg))
+    return content_hash("run", experiment(cfg), base_model(cfg.model)[1], plugin_code(cfg))
+
+
+def experiment(cfg: Config) -> dict[str, Any]:
+    """The resolved config as the store and ``result.json`` keep it: without ``report_to`` (where a run
+    is tracked does not change what it computes, nor its id)."""
+    d = to_dict(cfg)
+    d.pop("report_to", None)
+    return d
 
 
 class Pipeline:
@@ -311,7 +319,7 @@ class Pipeline:
         cfg = self.cfg
         aligned = self.align()
         aligned_metrics = self.evaluate(aligned, "evaluate_aligned") if cfg.eval.evaluate_aligned else {}
-        final = self.finetune(aligned)
+        final = finetuned = self.finetune(aligned)
         if self.defense.acts_in("repair"):
             final = self.repair(aligned, final)
         metrics = self.evaluate(final, "evaluate", self.defense.system_prompt("serve"))
@@ -320,7 +328,7 @@ class Pipeline:
             metrics = {**metrics, "views": views}
         if cfg.guardrail.name:
             metrics = {**metrics, "guardrail": next(s.metrics for s in self.stages if s.name == "guardrail")}
-        config = to_dict(cfg)
+        config = experiment(cfg)
         run_id = run_key(cfg)
         result = {
             "harmful_score": metrics.get("harmful_score"),
@@ -340,6 +348,11 @@ class Pipeline:
             # the two must leave the run to redo (its row is replaced), not done without a row.
             store.record(cfg.store or self.out / "results.sqlite", run_id, config, result)
             write_json(Path(result["run_dir"]) / "result.json", {**result, "config": config})
+            if cfg.report_to != "none":
+                from .tracking import report
+
+                report(cfg.report_to, result, {**config, "run_id": run_id},
+                       {"align": aligned, "finetune": finetuned, **({"repair": final} if final != finetuned else {})})
         return result
 
 
