@@ -36,7 +36,8 @@ class _Parser(argparse.ArgumentParser):
 
     def format_help(self) -> str:
         names = [name for a in self._actions if isinstance(a, argparse._SubParsersAction) for name in a.choices]
-        self.description = f"hftlab, a harmful fine-tuning lab. Commands: {', '.join(names)}."
+        if names:  # the subcommands' parsers are of this class too; they keep their own description
+            self.description = f"hftlab, a harmful fine-tuning lab. Commands: {', '.join(names)}."
         return super().format_help()
 
 
