@@ -245,11 +245,11 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 def load_config(files: list[str | Path] = (), overrides: list[str] = ()) -> Config:
     """Merge YAML files then overrides onto the defaults; validate; return the Config."""
+    from .config_files import find_config
+
     flat: dict[str, tuple[Any, str]] = {}
     for f in files:
-        path = Path(f)
-        if not path.is_file():
-            raise ConfigError(f"config file '{path}' not found")
+        path = find_config(f)  # a path, or a shipped config's name (``defenses/lisa``, ``lisa``)
         data, origins = _with_lines(path)
         base = data.pop("base", None)
         data.pop("tune", None)  # a defense file's strength grid: read by ``hftlab tune``, not a run key
