@@ -37,8 +37,9 @@ def test_summary_groups_by_a_plugin_parameter_by_its_cli_name():
              "harmful_score": hs, "finetune_accuracy": 100.0}
             for pa, s, hs in [(False, 0, 90.0), (False, 1, 80.0), (True, 0, 30.0)]]
     header, body = summarise(rows, by=("defense.perturb_aware",))
-    assert header[0] == "defense.perturb_aware"
-    assert [b[0] for b in body] == ["False", "True"] and [b[-1] for b in body] == ["2", "1"]
+    assert header[0] == "params"  # a defense's own parameters are shown per row, never as a shared column
+    assert [b[0] for b in body] == ["perturb_aware=False", "perturb_aware=True"]
+    assert [b[-1] for b in body] == ["2", "1"]
     assert value(rows[0], "defense.name") == "booster" and value(rows[0], "defense.missing") is None
 
 
@@ -172,10 +173,13 @@ def test_bench_writes_report_folder(fast_overrides, tmp_path):
 
     out_dir = fast_overrides[-1].split("=", 1)[1]
     extra = [o for o in fast_overrides if not o.startswith("out_dir=")]
-    report = run_bench(tmp_path / "report", seeds=(0,), jobs=2, runs_dir=out_dir, extra=extra,
-                       defenses=["sft", "lisa", "resta"])
+    report = run_bench(tmp_path / "report", seeds=(0, 1), jobs=2, runs_dir=out_dir, extra=extra,
+                       defenses=["sft", "lisa", "resta"], worst_seeds=1)
     table = (report / "table.md").read_text()
-    for name in ("sft", "lisa", "resta", "vs harmful ratio p", "Stress regime", "10x lr", "3x epochs"):
-        assert name in table
-    for f in ("table.csv", "table.tex", "hs_fa_scatter.png", "hs_vs_p.png", "overhead.png"):
+    for name in ("sft", "lisa", "resta", "vs harmful ratio p", "Verdicts", "ΔHS vs SFT", "Worst-case attacker",
+                 "lr x3", "epochs x3", "full FT", "Per seed"):
+        assert name in table, name
+    assert sum(line.startswith("| lisa") for line in table.splitlines()) >= 3  # verdict, ratios, per-seed rows
+    for f in ("table.csv", "table.tex", "per_seed.csv", "worst_case.csv", "hs_fa_scatter.png", "hs_vs_p.png",
+              "overhead.png"):
         assert (report / f).stat().st_size > 0

@@ -177,13 +177,14 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from . import store
-    from .report import auto_groups, render, summarise
+    from .report import render, report_groups, summarise
 
     rows = store.rows(args.store)
     if not rows:
         print(f"hftlab: no runs in {args.store}", file=sys.stderr)
         return 1
-    by = auto_groups(rows) if args.by == "auto" else [b.strip() for b in args.by.split(",") if b.strip()]
+    keys = lambda text: [k.strip() for k in text.split(",") if k.strip() and k.strip() != "auto"]  # noqa: E731
+    by = report_groups(rows, keys(args.by), keys(args.average_over))
     header, body = summarise(rows, by=by)
     print(render(header, body, args.format), end="")
     return 0

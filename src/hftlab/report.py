@@ -77,19 +77,57 @@ def auto_groups(rows: Sequence[dict[str, Any]]) -> list[str]:
     return [*BASE_GROUPS, *varying_keys(rows)]
 
 
+def report_groups(rows: Sequence[dict[str, Any]], by: Sequence[str] = (),
+                  average_over: Sequence[str] = ()) -> list[str]:
+    """``hftlab report --by/--average-over``: the keys in ``by`` first, then every key of the default
+    grouping (:func:`auto_groups`), less those in ``average_over``. Runs of different ratios, attacks,
+    tasks or models are one mean only when the user names those keys in ``average_over``."""
+    drop = {_SAME_AS.get(k, k) for k in average_over}
+    keys = [_SAME_AS.get(k, k) for k in by]
+    return [k for k in dict.fromkeys([*keys, *auto_groups(rows)]) if k not in drop]
+
+
 def _key(v: Any) -> Any:
     return str(v) if isinstance(v, (list, dict)) else v
 
 
+def _order(key: tuple) -> tuple:
+    """A sort key for mixed group keys: numbers by value, then strings, then None."""
+    return tuple((0, float(v), "") if isinstance(v, (int, float)) else (2, 0.0, "") if v is None else (1, 0.0, str(v))
+                 for v in key)
+
+
+def _plugin_param(rows: Sequence[dict[str, Any]], key: str) -> bool:
+    """True if ``key`` (``defense.rho``) is a plugin's own parameter (``defense.params.rho``) in some row."""
+    section, _, rest = key.partition(".")
+    return bool(rest) and any(isinstance(r.get("config", {}).get(section), dict)
+                              and rest in (r["config"][section].get("params") or {}) for r in rows)
+
+
 def summarise(rows: list[dict[str, Any]], by: Sequence[str] = BASE_GROUPS,
               metrics: Sequence[str] = ("harmful_score", "finetune_accuracy")) -> tuple[list[str], list[list[str]]]:
-    """Group rows by ``by`` and give mean ± std of each metric with the number of seeds."""
+    """Group rows by ``by`` and give mean ± std of each metric with the number of seeds, rows sorted by
+    the grouping keys. Plugins' own parameters (``defense.rho``) are one ``params`` column that shows
+    each row's values (``rho=2``; blank for a defense without them): the same name means different
+    things for different defenses, so they never share a column."""
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in rows:
         groups.setdefault(tuple(_key(value(r, k)) for k in by), []).append(r)
-    header = [*by, *metrics, "seeds"]
-    body = [[*(str(k) for k in key), *(fmt_num([value(r, m) for r in rs]) for m in metrics), str(len(rs))]
-            for key, rs in groups.items()]
+    params = [i for i, k in enumerate(by) if _plugin_param(rows, k)]
+    shown = [i for i in range(len(by)) if i not in params]
+
+    def param_text(key: tuple) -> str:
+        cells = []
+        for i in params:
+            section, _, name = by[i].partition(".")
+            if key[i] is not None:
+                cells.append(f"{name if section == 'defense' else by[i]}={key[i]}")
+        return ", ".join(cells)
+
+    header = [*(by[i] for i in shown), *(["params"] if params else []), *metrics, "seeds"]
+    body = [[*("" if key[i] is None else str(key[i]) for i in shown), *([param_text(key)] if params else []),
+             *(fmt_num([value(r, m) for r in rs]) for m in metrics), str(len(rs))]
+            for key, rs in sorted(groups.items(), key=lambda kv: _order(kv[0]))]
     return header, body
 
 

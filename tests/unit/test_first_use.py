@@ -66,3 +66,36 @@ def test_shipped_configs_load_from_any_folder(tmp_path, monkeypatch):
     assert load_config(["experiments/sft"]).task == "sst2"  # its ``base:`` is found next to it
     with pytest.raises(ConfigError, match=f"'nope' not found.*{SHIPPED}"):
         load_config(["nope"])
+
+
+# ---- 3. the report's rows
+def _row(defense: str, params: dict, ratio: float, seed: int, hs: float) -> dict:
+    return {"defense": defense, "attack": "harmful-mix", "task": "sentiment", "model": "organism:abc", "ratio": ratio,
+            "n": 1000, "seed": seed, "harmful_score": hs, "finetune_accuracy": 90.0,
+            "config": {"defense": {"name": defense, "params": params}, "attack": {"name": "harmful-mix", "ratio": ratio},
+                       "seed": seed}}
+
+
+def test_report_rows_are_sorted_and_params_are_per_defense():
+    from hftlab.report import report_groups, summarise
+
+    rows = [_row("vaccine", {"rho": 2.0}, 0.2, 0, 50.0), _row("sft", {}, 0.1, 0, 70.0),
+            _row("vaccine", {"rho": 5.0}, 0.1, 0, 40.0), _row("lisa", {"rho": 1.0}, 0.1, 0, 30.0),
+            _row("vaccine", {"rho": 2.0}, 0.1, 1, 60.0), _row("vaccine", {"rho": 2.0}, 0.1, 0, 62.0)]
+    header, body = summarise(rows, report_groups(rows))
+    assert "defense.rho" not in header and "params" in header
+    got = [(b[header.index("defense")], b[header.index("ratio")], b[header.index("params")], b[-1]) for b in body]
+    assert got == [("lisa", "0.1", "rho=1.0", "1"), ("sft", "0.1", "", "1"), ("vaccine", "0.1", "rho=2.0", "2"),
+                   ("vaccine", "0.1", "rho=5.0", "1"), ("vaccine", "0.2", "rho=2.0", "1")]
+    assert summarise(list(reversed(rows)), report_groups(rows)) == (header, body)  # input order does not matter
+
+
+def test_report_by_defense_keeps_ratios_apart_unless_asked():
+    from hftlab.report import report_groups, summarise
+
+    rows = [_row("sft", {}, r, s, hs) for r, s, hs in [(0.1, 0, 60.0), (0.1, 1, 70.0), (0.2, 0, 90.0)]]
+    header, body = summarise(rows, report_groups(rows, by=["defense"]))
+    assert header[0] == "defense" and [(b[header.index("ratio")], b[-1]) for b in body] == [("0.1", "2"), ("0.2", "1")]
+    header, body = summarise(rows, report_groups(rows, by=["defense"], average_over=["ratio"]))
+    assert "ratio" not in header and len(body) == 1 and body[0][-1] == "3"
+    assert body[0][header.index("harmful_score")] == "73.3 ± 15.3"
