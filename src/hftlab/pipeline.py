@@ -20,7 +20,8 @@ from typing import Any, Callable
 import torch
 
 from . import registry
-from .artifacts import content_hash, is_complete, read_json, stage_dir, stage_lock, write_json, write_manifest
+from .artifacts import (content_hash, follow_umask, is_complete, read_json, stage_dir, stage_lock, write_json,
+                        write_manifest)
 from .code_identity import code_fingerprint
 from .config import Config, ConfigError, ModelConfig, to_dict
 from .data.format import Formatter
@@ -312,6 +313,7 @@ class Pipeline:
         acc = _accelerator()
         if acc.is_main_process:
             save(model, self.tokenizer, folder)
+            follow_umask(folder)  # safetensors writes model.safetensors 0600
         acc.wait_for_everyone()
 
     # ---- the whole run -------------------------------------------------------------------------

@@ -99,3 +99,22 @@ def test_report_by_defense_keeps_ratios_apart_unless_asked():
     header, body = summarise(rows, report_groups(rows, by=["defense"], average_over=["ratio"]))
     assert "ratio" not in header and len(body) == 1 and body[0][-1] == "3"
     assert body[0][header.index("harmful_score")] == "73.3 ± 15.3"
+
+
+# ---- 4. file modes
+def test_written_files_follow_the_umask(tmp_path):
+    old = os.umask(0o027)
+    artifacts._umask.cache_clear()
+    try:
+        artifacts.write_json(tmp_path / "manifest.json", {"a": 1})
+        assert (tmp_path / "manifest.json").stat().st_mode & 0o777 == 0o640
+        weights = tmp_path / "model.safetensors"
+        weights.write_bytes(b"x")
+        weights.chmod(0o600)  # as safetensors leaves it
+        artifacts.follow_umask(tmp_path)
+        assert weights.stat().st_mode & 0o777 == 0o640
+    finally:
+        os.umask(old)
+        artifacts._umask.cache_clear()
+    artifacts.write_json(tmp_path / "result.json", {})
+    assert (tmp_path / "result.json").stat().st_mode & 0o777 == 0o666 & ~old
