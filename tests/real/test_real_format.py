@@ -74,7 +74,7 @@ def test_lora_targets_by_module_type(models, tmp_path):
 
 def test_loading_options(models, tmp_path):
     model = load_model(models["plain"], ModelConfig(gradient_checkpointing=True))
-    assert model.is_gradient_checkpointing and model.config.use_cache is False
+    assert model.is_activation_checkpointing and model.config.use_cache is False
     assert next(model.parameters()).dtype == (torch.bfloat16 if device().type == "cuda" else torch.float32)
     pickled = tmp_path / "pickled"  # a checkpoint with pickled weights only (as many older hub models)
     model.config.save_pretrained(pickled)

@@ -118,3 +118,18 @@ def test_written_files_follow_the_umask(tmp_path):
         artifacts._umask.cache_clear()
     artifacts.write_json(tmp_path / "result.json", {})
     assert (tmp_path / "result.json").stat().st_mode & 0o777 == 0o666 & ~old
+
+
+# ---- 5. warnings
+def test_lora_wrapping_raises_no_warning():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from hftlab.config import TrainConfig
+    from hftlab.models.loading import add_lora
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lora = add_lora(model, TrainConfig(lora=True))
+    assert any("lora_" in n for n, _ in lora.named_parameters())

@@ -122,12 +122,15 @@ def finetuned_lora(model: nn.Module, ctx: Any) -> nn.Module | None:
     """
     from peft import PeftModel
 
+    from ..models.loading import peft_wrapping
+
     if isinstance(model, PeftModel):
         return model
     folder = Path(ctx.state.get("finetuned_path") or "") / "adapter"
     if not ctx.state.get("finetuned_path") or not (folder / "adapter_config.json").is_file():
         return None
-    peft = PeftModel.from_pretrained(copy.deepcopy(ctx.reference("aligned")), str(folder))
+    with peft_wrapping():  # without the FutureWarning peft causes in transformers 5
+        peft = PeftModel.from_pretrained(copy.deepcopy(ctx.reference("aligned")), str(folder))
     check = targets(plain(copy.deepcopy(peft)))
     tol = 1e-5 if next(model.parameters()).dtype == torch.float32 else 1e-2
     same = all(torch.allclose(check[n].read(), t.read(), atol=tol, rtol=tol) for n, t in targets(model).items())

@@ -79,6 +79,7 @@ def train_safety_adapter(aligned: nn.Module, names: list[str], ctx: Context, cfg
     from peft import LoraConfig, get_peft_model
 
     from ..config import TrainConfig
+    from ..models.loading import peft_wrapping
     from ..training.loop import train
 
     data = [ex for ex in ctx.data.get("alignment", []) if ex.kind == "refusal"][: cfg.safety_n]
@@ -89,8 +90,9 @@ def train_safety_adapter(aligned: nn.Module, names: list[str], ctx: Context, cfg
     wanted = set(names)
     modules = [full[id(t.module)] for n, t in targets(model).items() if n in wanted]
     torch.manual_seed(ctx.seed)
-    model = get_peft_model(model, LoraConfig(r=cfg.safety_rank, lora_alpha=cfg.safety_alpha, lora_dropout=0.0,
-                                             target_modules=modules, bias="none", task_type="CAUSAL_LM"))
+    with peft_wrapping():  # without the FutureWarning peft causes in transformers 5
+        model = get_peft_model(model, LoraConfig(r=cfg.safety_rank, lora_alpha=cfg.safety_alpha, lora_dropout=0.0,
+                                                 target_modules=modules, bias="none", task_type="CAUSAL_LM"))
     tcfg = TrainConfig(lr=cfg.safety_lr, epochs=cfg.safety_epochs, batch_size=cfg.safety_batch_size, lora=True,
                        max_length=ctx.formatter.max_length)
     res = train(model, ctx.formatter.encode_all(data), tcfg, seed=ctx.seed, desc="safemerge safety adapter",

@@ -1,9 +1,11 @@
 """Load any HF causal LM + tokenizer by local path or hub id; LoRA by module type; merge; save."""
 from __future__ import annotations
 
+import contextlib
 import logging
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -62,7 +64,7 @@ def load_model(path: str | Path, cfg: ModelConfig) -> nn.Module:
     except OSError as e:
         raise ModelLoadError(_explain(str(path), e)) from None
     if cfg.gradient_checkpointing:  # non-reentrant: works with frozen embeddings (LoRA) without hooks
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     return model.to(device())
 
@@ -104,11 +106,15 @@ def lora_target_names(model: nn.Module, wanted: list[str]) -> list[str]:
 def add_lora(model: nn.Module, cfg: TrainConfig) -> nn.Module:
     """Wrap ``model`` in a fresh PEFT LoRA adapter (only the adapter trains)."""
     from peft import LoraConfig, get_peft_model
+    from transformers.pytorch_utils import Conv1D
 
     targets = lora_target_names(model, cfg.lora_targets)
+    # GPT-2's Conv1D stores its weight transposed: say so (peft would switch it on with a warning)
+    conv = any(isinstance(m, Conv1D) and n.rsplit(".", 1)[-1] in targets for n, m in model.named_modules())
     lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=targets, bias="none", task_type="CAUSAL_LM")
-    return get_peft_model(model, lcfg)
+                      target_modules=targets, bias="none", task_type="CAUSAL_LM", fan_in_fan_out=conv)
+    with peft_wrapping():
+        return get_peft_model(model, lcfg)
 
 
 def load_adapter(model: nn.Module, folder: Path) -> nn.Module:
@@ -117,7 +123,18 @@ def load_adapter(model: nn.Module, folder: Path) -> nn.Module:
 
     if not (Path(folder) / "adapter_config.json").is_file():
         raise ModelLoadError(f"finetune.continue_adapter: no LoRA adapter in {folder} (was align.lora true?)")
-    return PeftModel.from_pretrained(model, str(folder), is_trainable=True)
+    with peft_wrapping():
+        return PeftModel.from_pretrained(model, str(folder), is_trainable=True)
+
+
+@contextlib.contextmanager
+def peft_wrapping() -> Iterator[None]:
+    """Around wrapping a model in PEFT: peft 0.21's ``PeftModel.__init__`` reads the model's deprecated
+    ``is_gradient_checkpointing`` (transformers 5 warns on each read, so every LoRA fine-tune printed a
+    FutureWarning that no setting of ours can avoid). Only that warning, only here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
 
 
 def merged(model: nn.Module) -> nn.Module:
