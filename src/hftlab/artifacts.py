@@ -56,6 +56,19 @@ def follow_umask(folder: Path) -> None:
                 os.chmod(p, mode | allowed)
 
 
+def link_stages(run_dir: Path, stages: Iterable[tuple[str, str]]) -> None:
+    """In a run folder, one relative link per stage to the folder it was computed in (replaced when a
+    rerun names another); a stage name met twice gets a numbered link."""
+    seen: dict[str, int] = {}
+    for name, target in stages:
+        seen[name] = seen.get(name, 0) + 1
+        link = run_dir / (name if seen[name] == 1 else f"{name}_{seen[name]}")
+        tmp = run_dir / f".{link.name}.{os.getpid()}.link"
+        tmp.unlink(missing_ok=True)
+        os.symlink(target, tmp)
+        os.replace(tmp, link)
+
+
 def write_json(path: Path, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
 

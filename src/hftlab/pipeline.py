@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -20,8 +21,8 @@ from typing import Any, Callable
 import torch
 
 from . import registry
-from .artifacts import (content_hash, follow_umask, is_complete, read_json, stage_dir, stage_lock, write_json,
-                        write_manifest)
+from .artifacts import (content_hash, follow_umask, is_complete, link_stages, read_json, stage_dir, stage_lock,
+                        write_json, write_manifest)
 from .code_identity import code_fingerprint
 from .config import Config, ConfigError, ModelConfig, to_dict
 from .data.format import Formatter
@@ -38,6 +39,7 @@ class Stage:
     seconds: float
     cached: bool
     metrics: dict[str, Any] = field(default_factory=dict)
+    folder: str = ""  # the stage's folder; in result.json relative to the run folder (``../../align/<hash>``)
 
 
 def base_model(model: ModelConfig) -> tuple[str, str]:
@@ -138,7 +140,7 @@ class Pipeline:
             done = broadcast_object_list([done])[0]
         if done:
             manifest = read_json(folder / "manifest.json")
-            self.stages.append(Stage(name, 0.0, True, manifest.get("metrics", {})))
+            self.stages.append(Stage(name, 0.0, True, manifest.get("metrics", {}), str(folder)))
             log.info("%s: cached (%s)", name, folder)
             return manifest
         start = time.time()
@@ -149,7 +151,7 @@ class Pipeline:
         if acc.is_main_process:
             write_manifest(folder, **manifest)
         acc.wait_for_everyone()
-        self.stages.append(Stage(name, seconds, False, metrics))
+        self.stages.append(Stage(name, seconds, False, metrics, str(folder)))
         log.info("%s: %.1fs %s", name, seconds, _short(metrics))
         return manifest
 
@@ -332,14 +334,16 @@ class Pipeline:
             metrics = {**metrics, "guardrail": next(s.metrics for s in self.stages if s.name == "guardrail")}
         config = experiment(cfg)
         run_id = run_key(cfg)
+        run_dir = self.out / "runs" / run_id
+        stages = [{**dataclasses.asdict(s), "folder": os.path.relpath(s.folder, run_dir)} for s in self.stages]
         result = {
             "harmful_score": metrics.get("harmful_score"),
             "finetune_accuracy": metrics.get("finetune_accuracy"),
             "aligned": {k: aligned_metrics.get(k) for k in ("harmful_score", "finetune_accuracy")},
             "metrics": metrics,
             "aligned_metrics": aligned_metrics,
-            "stages": [dataclasses.asdict(s) for s in self.stages],
-            "run_dir": str(self.out / "runs" / run_id),
+            "stages": stages,
+            "run_dir": str(run_dir),
             "run_id": run_id,
             "base_model": self.base_id,
         }
@@ -350,6 +354,7 @@ class Pipeline:
             # the two must leave the run to redo (its row is replaced), not done without a row.
             store.record(cfg.store or self.out / "results.sqlite", run_id, config, result)
             write_json(Path(result["run_dir"]) / "result.json", {**result, "config": config})
+            link_stages(run_dir, [(s["name"], s["folder"]) for s in stages])  # runs/<id>/align -> ../../align/<hash>
             if cfg.report_to != "none":
                 from .tracking import report
 

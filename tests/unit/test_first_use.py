@@ -133,3 +133,15 @@ def test_lora_wrapping_raises_no_warning():
         warnings.simplefilter("error")
         lora = add_lora(model, TrainConfig(lora=True))
     assert any("lora_" in n for n, _ in lora.named_parameters())
+
+
+# ---- 7. the run folder names its stages
+def test_run_folder_links_its_stages(tmp_path):
+    run_dir = tmp_path / "runs" / "abc"
+    run_dir.mkdir(parents=True)
+    (tmp_path / "align" / "h1").mkdir(parents=True)
+    (tmp_path / "evaluate" / "h2").mkdir(parents=True)
+    artifacts.link_stages(run_dir, [("align", "../../align/h1"), ("evaluate", "../../evaluate/h2")])
+    artifacts.link_stages(run_dir, [("align", "../../align/h1"), ("evaluate", "../../evaluate/h2")])  # rerun
+    assert (run_dir / "align").resolve() == (tmp_path / "align" / "h1").resolve()
+    assert os.readlink(run_dir / "evaluate") == "../../evaluate/h2"
