@@ -19,7 +19,8 @@ log = logging.getLogger("hftlab")
 
 def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-c", "--config", action="append", default=[], metavar="FILE",
-                   help="YAML config file (repeatable; later files win)")
+                   help="YAML config file, or a shipped config by name: defenses/lisa, experiments/sft "
+                        "(repeatable; later files win)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="dotted overrides, e.g. defense=lisa defense.rho=1 attack.ratio=0.2 finetune.lr=1e-4")
 
