@@ -98,9 +98,13 @@ def test_repair_contract(name, organism_path, organism_tokenizer):
     assert all(torch.equal(sd[k], sd2[k]) for k in sd)
 
 
+# gradient-based attacks with budgets that keep the contract fast (their own tests check the maths)
+CHEAP_ATTACKS = {"benign-select": {"pool": 20, "anchors": 2}, "virus": {"steps": 1, "batch": 2}}
+
+
 @pytest.mark.parametrize("name", registry.names("attack"))
 def test_attack_contract(name):
-    attack = registry.get("attack", name)()
+    attack = registry.get("attack", name)(**CHEAP_ATTACKS.get(name, {}))
     task = registry.get("task", "sentiment")()
     data = attack.build(SOURCE, task, AttackConfig(name=name, ratio=0.1, n=50, seed=1))
     assert len(data) == 50
