@@ -51,8 +51,8 @@ def _flat_grad(model, fn):
     return {n: p.grad.detach().clone() for n, p in m.named_parameters()}
 
 
-@pytest.mark.parametrize("align_loss", ["kl", "sft"])
-@pytest.mark.parametrize("rows, conflict", [(CONFLICT, True), (AGREE, False)])
+@pytest.mark.parametrize("align_loss, rows, conflict", [("kl", CONFLICT, True), ("kl", AGREE, False),
+                                                         ("sft", CONFLICT, True)])
 def test_gradient_matches_direct_surgery(organism, fmt, align_loss, rows, conflict):
     w = 0.5
     policy = perturbed(organism, 0.02)  # away from the aligned model, so that the KL has a gradient
