@@ -1,5 +1,5 @@
 """SafeGrad: the accumulated gradient equals the direct computation of g̃_u + w·g_a, with g̃_u the user
-gradient projected onto the normal plane of the alignment gradient when they conflict (both branches),
+gradient projected onto the normal plane of the alignment gradient when they conflict (both cases),
 and the KL(aligned ‖ policy) alignment loss against explicit sums over the vocabulary."""
 from __future__ import annotations
 

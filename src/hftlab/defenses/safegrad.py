@@ -1,9 +1,9 @@
 """SafeGrad: gradient surgery between the user's task and an alignment objective during fine-tuning.
 
 Paper: Yi et al., "Gradient Surgery for Safe LLM Fine-Tuning" (SafeGrad), arXiv 2508.07172.
-Reference: none read. The authors' code is on an anonymous host that is not mirrored, and only the
-paper's abstract was available; this file implements the mechanism the abstract states, and the choices
-below that it leaves open are ours (listed as such).
+Reference: none read. The authors' code (an anonymous review link in the paper) and the paper's method
+section were not available to us, only its abstract; this file implements the mechanism the abstract
+states, and the choices it leaves open are ours (listed as such below).
 
 Per micro-batch: g_u = ∇ℓ_user(θ) on the user's batch and g_a = ∇ℓ_align(θ) on a batch of the provider's
 alignment data, over the trainable weights taken as one vector. If ⟨g_u, g_a⟩ < 0 (conflict), the user
