@@ -33,6 +33,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="reports/analysis", help="report folder (default: %(default)s)")
     p.add_argument("--jobs", type=int, default=1, help="sweep cells computed in parallel (default: 1)")
     p.add_argument("--quick", action="store_true", help="small samples (a smoke test, not a measurement)")
+    p.add_argument("--param", action="append", default=[], metavar="ANALYSIS.KEY=VALUE",
+                   help="an analysis's keyword argument, e.g. basin.n_prompts=48 or shallow.ks=[0,1,2] (repeatable)")
+    p.add_argument("--card", default="", metavar="FILE",
+                   help="also write the validity card (Markdown) from a sweep over attack.ratio and seeds")
 
 
 def subjects_from_args(args: argparse.Namespace) -> list[Any]:
@@ -59,13 +63,41 @@ def subjects_from_args(args: argparse.Namespace) -> list[Any]:
     return [subject_from_config(c.cfg) for c in cells]
 
 
+def parse_params(items: list[str], quick: bool) -> dict[str, dict[str, Any]]:
+    """``--param`` values (YAML-parsed) on top of the defaults or of ``--quick``'s sizes."""
+    import copy
+
+    import yaml
+
+    from . import QUICK, AnalysisError, module
+
+    params = copy.deepcopy(QUICK) if quick else {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        name, dot, arg = key.partition(".")
+        if not (sep and dot and arg):
+            raise AnalysisError(f"--param {item!r}: expected ANALYSIS.KEY=VALUE")
+        import inspect
+
+        if arg not in inspect.signature(module(name).run).parameters:
+            raise AnalysisError(f"--param {item!r}: '{name}' has no parameter '{arg}'")
+        value = yaml.safe_load(raw)
+        params.setdefault(name, {})[arg] = tuple(value) if isinstance(value, list) else value
+    return params
+
+
 def main(args: argparse.Namespace) -> int:
-    from . import NAMES, QUICK, analyze
+    from . import NAMES, analyze
 
     names = [n.strip() for n in args.only.split(",") if n.strip()] or list(NAMES)
+    params = parse_params(args.param, args.quick)
     start = time.time()
     subjects = subjects_from_args(args)
-    index = analyze(subjects, Path(args.out), names, QUICK if args.quick else None)
+    index = analyze(subjects, Path(args.out), names, params)
+    if args.card:
+        from .card import write_card
+
+        write_card(Path(args.out), Path(args.card), seconds=time.time() - start)
     total = time.time() - start
     log.info("analyze: %d run(s), %.0f s (%s)", len(subjects), total,
              ", ".join(f"{k} {v:.0f} s" for k, v in index["seconds"].items()))

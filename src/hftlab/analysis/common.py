@@ -59,7 +59,11 @@ class Subject:
                 "harmful_score": self.result.get("harmful_score"),
                 "finetune_accuracy": self.result.get("finetune_accuracy"),
                 "aligned_harmful_score": aligned.get("harmful_score"),
-                "models": {"base": self.base, "aligned": self.aligned, "final": self.final}}
+                "models": {"base": self.base, "aligned": self.aligned, "final": self.final},
+                "store": self.cfg.store or str(Path(self.cfg.out_dir) / "results.sqlite"),
+                "eval": {"judge": self.cfg.eval.judge, "n_harmful": self.cfg.eval.n_harmful},
+                "finetune": {"epochs": self.cfg.finetune.epochs, "lr": self.cfg.finetune.lr, "lora": self.cfg.finetune.lora},
+                "model": self.cfg.model.name, "task": self.cfg.task}
 
     # ---- models and data -----------------------------------------------------------------------
     @property

@@ -113,7 +113,7 @@ def _plot_sweep(path: Path, pts: list[dict], ratios: list[float], per_layer: dic
     st = plotting.styles([f"layer {li}" for li in range(n_layers)])
     for li in range(n_layers):
         plotting.band(ax, [100 * r for r in ratios], [per_layer[r][li] for r in ratios], f"layer {li}", st[f"layer {li}"])
-    plotting.finish(ax, "Harmful embedding drift vs p (mean, 95 % CI over seeds)", "harmful ratio p (%)",
+    plotting.finish(ax, "Harmful embedding drift vs p (mean ± std over seeds)", "harmful ratio p (%)",
                     "mean ‖h_ft − h_aligned‖₂ (model units)")
     ax = axes[0][1]
     st_r = plotting.styles([f"p = {r:g}" for r in ratios])

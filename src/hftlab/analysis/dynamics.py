@@ -142,12 +142,14 @@ def _plot(path: Path, result: dict[str, Any], name: str) -> None:
 
 
 def summarise(rows: Sequence[tuple[dict[str, Any], dict[str, Any]]], out: Path) -> dict[str, Any]:
-    """Across runs, per p: the alignment loss's rise (last − first probe) and the curves (mean, 95 % CI)."""
+    """Across runs, per p: the alignment loss's rise (last − first probe) and the curves (mean, std, 95 % CI)."""
     ratios = sorted({m["ratio"] for m, _ in rows})
     summary: dict[str, Any] = {}
     fig, axes = plotting.figure(6, 4.5, ncols=2)
     labels = [f"p = {p:g}" for p in ratios]
     st = plotting.styles(labels)
+    for ax in axes[0]:
+        ax.set_yscale("log")
     for p, lab in zip(ratios, labels):
         sel = [r for m, r in rows if m["ratio"] == p]
         n = min(len(r["probes"]) for r in sel)
@@ -161,8 +163,6 @@ def summarise(rows: Sequence[tuple[dict[str, Any], dict[str, Any]]], out: Path) 
         plotting.band(axes[0][0], steps, curve["alignment_refusal"], lab, st[lab])
         if curve["user_harmful"][0]["n"]:
             plotting.band(axes[0][1], steps, curve["user_harmful"], lab, st[lab])
-    axes[0][0].set_yscale("log")
-    axes[0][1].set_yscale("log")
     plotting.finish(axes[0][0], "Alignment (refusal) loss along fine-tuning", "optimiser step",
                     "mean token cross-entropy (nats, log scale)")
     plotting.finish(axes[0][1], "User harmful-data loss along fine-tuning", "optimiser step",

@@ -110,14 +110,15 @@ def _plot(path: Path, result: dict[str, Any], name: str) -> None:
         for key, vals in per_layer.items():
             ax.plot(range(len(vals)), vals, label=f"{key} (all: {result[which]['overall'][key]:+.2f})", **st[key])
         ax.axhline(0, color="black", lw=0.8)
-        ax.set_ylim(-1.05, 1.05)
+        top = max([abs(v) for vals in per_layer.values() for v in vals if v == v] + [0.05])
+        ax.set_ylim(-1.15 * top, 1.15 * top)  # symmetric about 0, so the sign reads at a glance
         plotting.finish(ax, f"Gradient cosines at the {which} model ({name[:12]})", "decoder layer",
                         "cosine between gradients")
     plotting.save(fig, path)
 
 
 def summarise(rows: Sequence[tuple[dict[str, Any], dict[str, Any]]], out: Path) -> dict[str, Any]:
-    """Across runs: overall cosines at the aligned and the final model per p (mean, 95 % CI over seeds)."""
+    """Across runs: overall cosines at the aligned and the final model per p (mean ± std over seeds)."""
     ratios = sorted({m["ratio"] for m, _ in rows})
     keys = list(rows[0][1]["final"]["overall"])
     summary = {which: {key: {str(p): mean_ci([r[which]["overall"][key] for m, r in rows if m["ratio"] == p])
@@ -129,6 +130,6 @@ def summarise(rows: Sequence[tuple[dict[str, Any], dict[str, Any]]], out: Path) 
             plotting.band(ax, [100 * p for p in ratios], [summary[which][key][str(p)] for p in ratios], key, st[key])
         ax.axhline(0, color="black", lw=0.8)
         plotting.finish(ax, f"Gradient cosines at the {which} model vs p", "harmful ratio p (%)",
-                        "cosine (mean, 95 % CI over seeds)")
+                        "cosine (mean ± std over seeds)")
     plotting.save(fig, out / "gradient_cosine_vs_p.png")
     return summary

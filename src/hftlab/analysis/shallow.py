@@ -97,7 +97,7 @@ def _plot(path: Path, result: dict[str, Any], name: str) -> None:
 
 
 def summarise(rows: Sequence[tuple[dict[str, Any], dict[str, Any]]], out: Path) -> dict[str, Any]:
-    """Across runs: KL profiles and prefilling curves per p (mean, 95 % CI over seeds), and the share of
+    """Across runs: KL profiles and prefilling curves per p (mean ± std over seeds), and the share of
     the alignment KL carried by the first 5 answer tokens."""
     ratios = sorted({m["ratio"] for m, _ in rows})
     summary: dict[str, Any] = {"per_ratio": {}}
@@ -132,7 +132,7 @@ def _plot_sweep(path: Path, summary: dict[str, Any], ratios: list[float]) -> Non
     d0 = summary["per_ratio"][str(ratios[0])]
     plotting.band(axes[0][1], d0["k"], d0["prefill_aligned"], "aligned (all runs)", {**st["aligned (all runs)"], "ls": "--"})
     plotting.finish(axes[0][0], "KL(fine-tuned ‖ aligned) along harmful answers", "answer token position t",
-                    "mean KL (nats), 95 % CI over seeds")
+                    "mean KL (nats), mean ± std over seeds")
     axes[0][1].set_ylim(-2, 102)
     plotting.finish(axes[0][1], "Prefilling attack on the final model", "forced harmful answer tokens k",
                     "harmful score HS (%)")

@@ -86,7 +86,9 @@ def run(subject: Subject, out: Path) -> dict[str, Any]:
 
 def _plot(path: Path, result: dict[str, Any], name: str) -> None:
     rows = result["targets"]
-    modules = list(dict.fromkeys(r["module"] for r in rows))
+    moved = {r["module"] for r in rows if r["drift"] > 0}
+    modules = [m for m in dict.fromkeys(r["module"] for r in rows) if m in moved]
+    still = sorted({r["module"] for r in rows} - moved)
     n_layers = len(result["per_layer"])
     fig, axes = plotting.figure(6, 4.5, ncols=2)
     ax = axes[0][0]
@@ -95,6 +97,8 @@ def _plot(path: Path, result: dict[str, Any], name: str) -> None:
         pts = sorted((r["layer"], r["relative"]) for r in rows if r["module"] == m)
         ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], label=m, **st[m])
     ax.set_xticks(range(n_layers))
+    if still:
+        ax.text(0.02, 0.02, f"unchanged: {', '.join(still)}", transform=ax.transAxes, fontsize=7, color="grey")
     plotting.finish(ax, f"Weight drift aligned → fine-tuned ({name[:12]})", "decoder layer",
                     "‖W_ft − W_aligned‖_F / ‖W_aligned‖_F (%)")
     ax = axes[0][1]
@@ -113,7 +117,7 @@ def _plot(path: Path, result: dict[str, Any], name: str) -> None:
 
 
 def summarise(rows: Sequence[tuple[dict[str, Any], dict[str, Any]]], out: Path) -> dict[str, Any]:
-    """Across runs: total drift and mean subspace overlap per p (mean, 95 % CI over seeds)."""
+    """Across runs: total drift and mean subspace overlap per p (mean ± std over seeds)."""
     ratios = sorted({m["ratio"] for m, _ in rows})
 
     def overlap(r: dict[str, Any]) -> float:
