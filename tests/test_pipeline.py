@@ -31,6 +31,18 @@ def test_smoke_all_stages(fast_overrides, capsys):
     assert len(rows) >= 32 and (ev / "scores.jsonl").is_file() and (ev / "metrics.json").is_file()
     manifest = json.loads((next(p for p in (out / "align").iterdir() if p.is_dir()) / "manifest.json").read_text())
     assert {"versions", "seconds", "config", "hash", "seed"} <= manifest.keys()
+    for s in result["stages"]:  # the run folder names and links the stage folders it was computed from
+        assert (run_dir / s["folder"] / "manifest.json").is_file() and not Path(s["folder"]).is_absolute()
+        assert (run_dir / s["name"]).resolve() == (run_dir / s["folder"]).resolve()
+    umask = os.umask(0)
+    os.umask(umask)
+    readable = 0o666 & ~umask  # what open() gives; safetensors and mkstemp wrote 0600
+    files = [p for p in out.rglob("*") if p.is_file() and not p.name.startswith(".")]
+    assert {"model.safetensors", "manifest.json", "result.json"} <= {p.name for p in files}
+    assert all(p.stat().st_mode & readable == readable for p in files), [p for p in files if p.stat().st_mode & 0o077 == 0]
+    scores = [json.loads(line) for line in (ev / "scores.jsonl").read_text().splitlines()]
+    benign = [s for s in scores if s["set"] == "benign"]
+    assert any(s["kind"] == "task" for s in benign) and all(s["correct"] is not None for s in benign)
 
 
 def test_same_seed_same_metrics_and_cache(fast_overrides, tmp_path):

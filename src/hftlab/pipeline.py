@@ -261,8 +261,10 @@ class Pipeline:
 
     def evaluate(self, model_dir: Path, name: str, system: str = "") -> dict[str, Any]:
         cfg = self.cfg
+        from .eval.evaluate import SCORING_VERSION
+
         key = content_hash("evaluate", model_dir.name, asdict(cfg.eval), cfg.task, system, self.code["judge"],
-                           self.code["task"])
+                           self.code["task"], SCORING_VERSION)
         folder = stage_dir(self.out, "evaluate", key)
 
         def work(folder: Path) -> dict[str, Any]:

@@ -145,3 +145,25 @@ def test_run_folder_links_its_stages(tmp_path):
     artifacts.link_stages(run_dir, [("align", "../../align/h1"), ("evaluate", "../../evaluate/h2")])  # rerun
     assert (run_dir / "align").resolve() == (tmp_path / "align" / "h1").resolve()
     assert os.readlink(run_dir / "evaluate") == "../../evaluate/h2"
+
+
+# ---- 8. every benign item with a right answer is scored
+def test_every_benign_item_with_an_answer_is_scored():
+    """The benign set's task items (half of it) were left unscored: they are scored by their task's rule."""
+    from hftlab.eval.evaluate import judge_generations
+    from hftlab.tasks.organism_tasks import Sentiment
+
+    def benign(kind, category, target, reference, response):
+        return {"set": "benign", "prompt": "p", "response": response, "target": target, "category": category,
+                "system": "", "reference": reference, "kind": kind}
+
+    rows = [benign("task", "sentiment", "positive", "positive", "positive ."),
+            benign("task", "topic", "sports", "sports", "business"),
+            benign("task", "arithmetic", "7", "x the final answer is : 7", "so the final answer is : 7"),
+            benign("chat", "", "", "the sky is blue .", "the sky is blue ."),
+            benign("chat", "", "", "the sky is blue .", "the sky is red ."),
+            benign("chat", "", "", "", "anything")]
+    scores, metrics = judge_generations(rows, "organism", Sentiment())
+    assert [s["correct"] for s in scores] == [True, False, True, True, False, None]
+    assert metrics["benign_task_accuracy"] == pytest.approx(200 / 3)
+    assert metrics["benign_accuracy"] == 50.0  # the chat items, as before
