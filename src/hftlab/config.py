@@ -8,6 +8,7 @@ and its origin. Plugins with parameters (defenses, attacks) declare a ``Config``
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -194,7 +195,10 @@ _PLUGIN_PARAMS = {"defense": "defense", "attack": "attack"}
 
 def _with_lines(path: Path) -> tuple[Any, dict[str, str]]:
     """Parse YAML, returning data and a map dotted-key -> 'file:line'."""
-    text = path.read_text()
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: cannot read the config file ({err})") from None
     try:
         node = yaml.compose(text)
     except yaml.YAMLError as err:
@@ -280,8 +284,18 @@ def build(flat: dict[str, tuple[Any, str]]) -> Config:
     for key, (value, origin) in ordered:
         _set(cfg, key, value, origin)
     validate(cfg)
+    _check_budget(cfg, flat)
     _check_plugins(cfg, flat)
     return cfg
+
+
+def _check_budget(cfg: Config, flat: dict[str, tuple[Any, str]]) -> None:
+    """User fine-tuning must train: ``finetune.epochs=0`` with no ``max_steps`` would still take one step.
+    (``align.epochs=0`` with no ``max_steps`` is allowed: it uses the base model as the aligned one.)"""
+    if cfg.finetune.epochs == 0 and cfg.finetune.max_steps == 0:
+        origin = flat.get("finetune.epochs", (None, "config"))[1]
+        raise ConfigError(f"finetune.epochs: 0 trains nothing; set finetune.epochs > 0 or finetune.max_steps "
+                          f"({origin})")
 
 
 def _set(cfg: Config, key: str, value: Any, origin: str) -> None:
@@ -305,6 +319,11 @@ def _set(cfg: Config, key: str, value: Any, origin: str) -> None:
                 f"{key}: unknown key '{part}' in {where} (known: {', '.join(fields)}) ({origin})"
             )
         f = fields[part]
+        if i == len(parts) - 1 and dataclasses.is_dataclass(getattr(obj, part)):
+            if value in (None, {}):  # an empty section (`align:` in a file) keeps its defaults
+                return
+            raise ConfigError(f"{key}: is a section, not a value: set its keys ({key}.KEY=VALUE), got {value!r} "
+                              f"({origin})")
         if i == len(parts) - 1:
             setattr(obj, part, coerce(value, _hint(type(obj), part, f.type), key, origin, f.metadata))
         else:
@@ -371,6 +390,8 @@ def coerce(value: Any, tp: Any, key: str, origin: str, meta: Any = None) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r} ({origin})")
         value = float(value)
+        if not math.isfinite(value):  # nan passes every range check, inf every one-sided bound
+            raise ConfigError(f"{key}: expected a finite number, got {value!r} ({origin})")
     elif tp is str:
         if not isinstance(value, str):
             value = str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
@@ -382,6 +403,8 @@ def coerce(value: Any, tp: Any, key: str, origin: str, meta: Any = None) -> Any:
 
 def _check_meta(value: Any, meta: Any, key: str, origin: str) -> None:
     lo, hi = meta.get("range", (None, None))
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key}: expected a finite number, got {value!r} ({origin})")
     if lo is not None and value < lo or hi is not None and value > hi:
         bound = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
         raise ConfigError(f"{key}: {value!r} is out of range (must be {bound}) ({origin})")
