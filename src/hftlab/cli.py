@@ -178,8 +178,10 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from . import store
+    from .preflight import store_file
     from .report import render, report_groups, summarise
 
+    store_file(args.store, "--store", must_exist=True)  # a missing or non-SQLite file: one line, no traceback
     rows = store.rows(args.store)
     if not rows:
         print(f"hftlab: no runs in {args.store}", file=sys.stderr)
@@ -211,7 +213,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .bench_suite import run_bench
+    from .preflight import writable_folder
 
+    writable_folder(args.out, "--out")  # the report is written last, after every cell
     seeds = (0,) if args.quick else (0, 1, 2)
     subset = [d for d in args.defenses.split(",") if d] or None
     from .executors import from_args

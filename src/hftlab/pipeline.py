@@ -78,6 +78,9 @@ class Pipeline:
     """One run of the threat model for one resolved Config."""
 
     def __init__(self, cfg: Config):
+        from .preflight import check_data, check_paths
+
+        check_paths(cfg)  # before anything expensive: folders, store and model path
         self.cfg = cfg
         self.out = Path(cfg.out_dir)
         self.stages: list[Stage] = []
@@ -85,6 +88,7 @@ class Pipeline:
         self.source = get_source(cfg.data.source, cfg.data)
         self.task = registry.get("task", cfg.task)()
         self.defense: Defense = registry.get("defense", cfg.defense.name)(**cfg.defense.params)
+        check_data(cfg, self.source, self.task, self.defense)
         self.base_path, self.base_id = self._base()
         self.code = plugin_code(cfg)
         from .models.loading import load_tokenizer

@@ -28,6 +28,7 @@ from typing import Any, Callable, Iterator, Sequence
 from .artifacts import content_hash
 from .config import Config, ConfigError, load_config, parse_override, to_dict
 from .errors import UserError
+from .preflight import check_paths
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +192,11 @@ def run_cells(cells: Sequence[Cell], files: Sequence[str] = (), jobs: int = 1,
     submitted when its leader ends, so they reuse its alignment. A failed cell does not stop the others;
     at the end a RuntimeError names the first failure. ``executor`` (:mod:`hftlab.executors`) says where
     cells run: local worker processes by default, a Ray cluster or Slurm jobs."""
+    if jobs < 1:
+        raise UserError(f"--jobs: must be >= 1, got {jobs}")
     todo = list({c.run_id: c for c in cells if not c.result_path.is_file()}.values())
+    for cfg in {(c.cfg.out_dir, c.cfg.store, c.cfg.model.name): c.cfg for c in todo}.values():
+        check_paths(cfg)  # an unwritable out_dir fails now, not in every worker after the organism's build
     log.info("%s: %d cells, %d to run, %d already done", desc, len(cells), len(todo), len(cells) - len(todo))
     if todo:
         from .organism.build import ensure_organism

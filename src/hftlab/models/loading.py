@@ -39,6 +39,7 @@ def resolve_dtype(name: str, model_name: str = "") -> torch.dtype:
 def load_tokenizer(path: str | Path, cfg: ModelConfig) -> Any:
     from transformers import AutoTokenizer
 
+    _check_local(path)
     try:
         tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=cfg.trust_remote_code)
     except OSError as e:
@@ -59,6 +60,7 @@ def load_model(path: str | Path, cfg: ModelConfig) -> nn.Module:
     }
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
+    _check_local(path)
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
     except OSError as e:
@@ -77,6 +79,15 @@ def _explain(path: str, err: Exception) -> str:
                                     or "couldn't" in str(err).lower() or "not found" in str(err).lower()):
         return f"model '{path}': not a local folder and not in the hub cache (offline): {text}"
     return f"model '{path}': {text}"
+
+
+def _check_local(path: str | Path) -> None:
+    """A path that is meant as a folder (``/x``, ``./x``, ``~/x``) and exists nowhere: say so, not what the
+    hub answers about repo-id syntax."""
+    from ..preflight import looks_local
+
+    if looks_local(str(path)) and not Path(path).exists():
+        raise ModelLoadError(f"model '{path}': no such folder")
 
 
 def lora_target_names(model: nn.Module, wanted: list[str]) -> list[str]:
