@@ -10,7 +10,7 @@ import json
 import logging
 import os
 import sys
-from typing import Any, Sequence
+from typing import Any, NoReturn, Sequence
 
 from .errors import UserError
 
@@ -41,6 +41,25 @@ class _Parser(argparse.ArgumentParser):
             self.description = f"hftlab, a harmful fine-tuning lab. Commands: {', '.join(names)}."
         return super().format_help()
 
+    def error(self, message: str) -> NoReturn:
+        """A bad flag or command is one line, ``hftlab: error: …``, as every other user error (no usage block)."""
+        raise UsageError(f"{message} (see: {self.prog} --help)")
+
+
+class UsageError(UserError):
+    """A bad command line (unknown command or flag, a flag's bad value)."""
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1 (``--jobs 0`` would start no worker, ``-1`` is meaningless)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="hftlab")
@@ -56,12 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sweep", help="a grid over config keys (KEY=V1,V2 …), parallel, resumable")
     _config_args(p)
-    p.add_argument("--jobs", type=int, default=1, help="cells run in parallel (1 torch thread each)")
+    p.add_argument("--jobs", type=positive_int, default=1, help="cells run in parallel (1 torch thread each)")
     _executor_args(p)
 
     p = sub.add_parser("bench", help="the survey's comparison on the organism: table, p-curves, stress, overheads")
     p.add_argument("--quick", action="store_true", help="one seed instead of three")
-    p.add_argument("--jobs", type=int, default=2, help="cells run in parallel (1 torch thread each)")
+    p.add_argument("--jobs", type=positive_int, default=2, help="cells run in parallel (1 torch thread each)")
     p.add_argument("--out", default="reports/bench", help="report folder (default: %(default)s)")
     p.add_argument("--runs", default="runs", help="run folders and store (default: %(default)s)")
     p.add_argument("--no-sweeps", action="store_true", help="main table only (no p-sweep, no stress)")
@@ -103,11 +122,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    if extra:  # KEY=VALUE overrides may also come after the flags (``run --json seed=1``)
-        if not hasattr(args, "overrides") or any("=" not in e or e.startswith("-") for e in extra):
-            parser.error(f"unrecognized arguments: {' '.join(extra)}")
-        args.overrides += extra
+    try:
+        args, extra = parser.parse_known_args(argv)
+        if extra:  # KEY=VALUE overrides may also come after the flags (``run --json seed=1``)
+            if not hasattr(args, "overrides") or any("=" not in e or e.startswith("-") for e in extra):
+                parser.error(f"unrecognized arguments: {' '.join(extra)}")
+            args.overrides += extra
+    except UsageError as e:
+        print(f"hftlab: error: {e}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
