@@ -7,6 +7,9 @@ is read with ``load_from_disk``; ``{split}`` in a file path is replaced by the s
 """
 from __future__ import annotations
 
+import csv
+import io
+import json
 import logging
 import os
 from functools import lru_cache
@@ -35,6 +38,8 @@ def _load(spec: Any, split: str, key: str) -> Any:
     where = _where(spec, split)
     local = Path(where)
     kind = FILE_KINDS.get(local.suffix.lower())
+    if kind and local.is_file():
+        check_file(local, key)  # file:line for a malformed row (datasets names neither)
     try:
         if kind and local.is_file():
             return datasets.load_dataset(kind, data_files=str(local), split="train")
@@ -49,6 +54,54 @@ def _load(spec: Any, split: str, key: str) -> Any:
         raise
     except Exception as e:  # datasets raises many types; keep the first line of each
         raise DataError(_explain(where, split, key, e)) from None
+
+
+def check_file(path: Path, key: str) -> None:
+    """Parse a local .json/.jsonl/.csv file; a DataError names ``key``, the file and the line that is wrong."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{key}.path: cannot read '{path}' ({e})") from None
+    if not text.strip():
+        raise DataError(f"{key}.path: '{path}' is empty")
+    if path.suffix.lower() == ".csv":
+        _check_csv(path, text, key)
+        return
+    try:  # one JSON document: a list of records, or one object (of columns, or a one-line JSON lines file)
+        doc = json.loads(text)
+    except json.JSONDecodeError as e:
+        if text.lstrip().startswith("["):
+            raise DataError(f"{key}.path: {path}:{e.lineno}: invalid JSON ({e.msg})") from None
+    else:
+        bad = next((i for i, r in enumerate(doc) if not isinstance(r, dict)), None) if isinstance(doc, list) else None
+        if not isinstance(doc, (list, dict)) or bad is not None:
+            raise DataError(f"{key}.path: {path}: expected JSON records (objects), got {json.dumps(doc)[:40]}")
+        return
+    for n, line in enumerate(text.splitlines(), 1):  # JSON lines: one object a line
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{key}.path: {path}:{n}: invalid JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{key}.path: {path}:{n}: expected a JSON object, got {line.strip()[:40]}")
+
+
+def _check_csv(path: Path, text: str, key: str) -> None:
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    rows = 0
+    try:
+        header = next(reader)
+        for row in reader:
+            if row and len(row) != len(header):
+                raise DataError(f"{key}.path: {path}:{reader.line_num}: {len(row)} fields, the header has "
+                                f"{len(header)}")
+            rows += bool(row)
+    except csv.Error as e:
+        raise DataError(f"{key}.path: {path}:{reader.line_num}: invalid CSV ({e})") from None
+    if not rows:
+        raise DataError(f"{key}.path: {path}: a header and no rows")
 
 
 def _explain(where: str, split: str, key: str, err: Exception) -> str:
