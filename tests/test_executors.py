@@ -3,6 +3,7 @@ workers, keeps the dependency order, and resumes; the store loses no row under 8
 from __future__ import annotations
 
 import os
+import sqlite3
 import subprocess
 import sys
 import time
@@ -119,16 +120,21 @@ for i in range(n):
 """
 
 
-def test_store_loses_no_row_under_concurrent_writers(tmp_path):
+@pytest.mark.parametrize("journal", ["wal", "delete"])
+def test_store_loses_no_row_under_concurrent_writers(tmp_path, journal):
     path, writers, n = tmp_path / "deep" / "results.sqlite", 8, 40
     start = time.time() + 2.0
+    env = {**os.environ, "HFTLAB_STORE_JOURNAL": journal}
     procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(path), str(w), str(n), str(start)],
-                              stderr=subprocess.PIPE, text=True) for w in range(writers)]
+                              stderr=subprocess.PIPE, text=True, env=env) for w in range(writers)]
     errors = [p.communicate()[1] for p in procs]
     assert [p.returncode for p in procs] == [0] * writers, errors
     rows = store.rows(path)
     assert len(rows) == writers * n
     assert {(r["seed"], r["metrics"]["i"]) for r in rows} == {(w, i) for w in range(writers) for i in range(n)}
+    con = sqlite3.connect(path)
+    assert con.execute("PRAGMA journal_mode").fetchone()[0] == journal  # WAL persists in the file; delete is the default
+    con.close()
 
 
 def test_extras_are_imported_only_when_used():

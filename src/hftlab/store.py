@@ -1,17 +1,21 @@
 """The SQLite results store: one row per finished run (config, metrics, timings).
 
-Safe with many concurrent writers on one host or on a shared disk with working locks (local cells,
-Ray workers, Slurm jobs): WAL mode, a busy timeout, and retries while the database is locked.
+Safe with many concurrent writers (local cells, Ray workers, Slurm jobs): a busy timeout and retries
+while the database is locked; WAL mode on one host, ``HFTLAB_STORE_JOURNAL=delete`` for a store on a
+network disk written from several nodes.
 """
 from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import sqlite3
 import time
 from pathlib import Path
 from typing import Any, Callable, TypeVar
+
+from .config import ConfigError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -34,6 +38,10 @@ CREATE TABLE IF NOT EXISTS runs (
 # SQLite's lock, and an operation that still finds the database locked is retried with backoff.
 BUSY_S = 60.0
 RETRY_S = 300.0
+# SQLite's WAL needs the writers on one host; a store on a network disk written from several nodes
+# (Ray, Slurm) takes HFTLAB_STORE_JOURNAL=delete (the rollback journal and the disk's file locks).
+# Unset, a new store is created in WAL mode and an existing one keeps the mode it has.
+JOURNALS = ("wal", "delete", "truncate", "persist")
 
 
 def _retry(op: Callable[[], T]) -> T:
@@ -53,13 +61,19 @@ def _retry(op: Callable[[], T]) -> T:
 def connect(path: str | Path) -> sqlite3.Connection:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    journal = os.environ.get("HFTLAB_STORE_JOURNAL", "").lower()
+    if journal and journal not in JOURNALS:
+        raise ConfigError(f"HFTLAB_STORE_JOURNAL: {journal!r} is not one of {', '.join(JOURNALS)}")
 
     def open_() -> sqlite3.Connection:
         con = sqlite3.connect(path, timeout=BUSY_S)
         try:
             con.execute(f"PRAGMA busy_timeout={int(BUSY_S * 1000)}")
-            if con.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
-                con.execute("PRAGMA journal_mode=WAL")  # readers never block the writer
+            # Unset: WAL for a new store (readers never block the writer), an existing one keeps its mode.
+            wanted = journal or ("wal" if not con.execute("SELECT 1 FROM sqlite_master WHERE name='runs'").fetchone()
+                                 else "")
+            if wanted and con.execute("PRAGMA journal_mode").fetchone()[0].lower() != wanted:
+                con.execute(f"PRAGMA journal_mode={wanted}")
             con.execute(SCHEMA)
         except BaseException:
             con.close()
