@@ -2,7 +2,7 @@
 
 A guardrail is any registered judge used as a filter (``guardrail.name``): it scores each uploaded
 sample's (prompt, response) pair and the flagged samples are dropped before fine-tuning. A judge that
-returns a probability (``score``, e.g. ``organism-guard``, ``llama-guard``) is thresholded at
+returns a probability (``score``, e.g. ``organism-guard``, ``llama-guard``) flags a sample whose score exceeds
 ``guardrail.threshold``; one that returns only a verdict uses its ``harmful`` flag. The stage keeps
 ``upload.jsonl`` (every sample with its verdict) and ``kept.jsonl`` (what is fine-tuned on), and reports
 the leakage ratio (the percentage of harmful samples that pass), the percentage of benign samples
@@ -32,14 +32,21 @@ def attack_key(attack: AttackConfig) -> dict[str, Any]:
     return d
 
 
+# Judges whose ``score`` is a probability of harm (thresholded); any other judge's verdict is used as is
+# (the GPT-4 judge's score is a 1-5 grade).
+PROBABILITY_JUDGES = frozenset({"organism-guard", "llama-guard", "beaver-dam", "harmbench-cls", "strongreject"})
+
+
 def verdicts(examples: Sequence[Example], judge: Any, threshold: float) -> list[dict[str, Any]]:
-    """The judge's verdict on every sample: ``flagged`` and its ``score`` (None without one)."""
+    """The judge's verdict on every sample: ``flagged`` (score > threshold for a probability judge, else
+    its own ``harmful``) and its ``score`` (None without one)."""
     out = judge.score([ex.prompt for ex in examples], [ex.response for ex in examples])
+    thresholded = getattr(judge, "name", "") in PROBABILITY_JUDGES
     rows = []
     for v in out:
         score = v.get("score")
         prob = float(score) if isinstance(score, (int, float)) and not isinstance(score, bool) else None
-        flagged = prob >= threshold if prob is not None and 0.0 <= prob <= 1.0 else bool(v["harmful"])
+        flagged = prob > threshold if thresholded and prob is not None else bool(v["harmful"])
         rows.append({"flagged": flagged, "score": prob})
     return rows
 

@@ -150,6 +150,7 @@ def test_benign_select_takes_the_top_ranked_candidates(organism_path):
 class _ScoreJudge:
     """A judge giving a probability: P = 0.9 for the harmful samples, 0.4 for every other one."""
 
+    name = "organism-guard"  # a probability judge: its score is thresholded
     report = {"heldout_precision": 1.0}
 
     def score(self, prompts, responses):
@@ -311,3 +312,23 @@ def test_virus_objective_decreases(virus_setup):
     assert history[-1] < history[0]
     assert obj.value(adv)[0] == pytest.approx(history[-1], rel=1e-5)
     assert len(adv) == len(adv0) and not set(adv) & set(fmt.tok.all_special_ids)
+
+
+def test_guardrail_with_a_real_model_judge(hub_source, tmp_path):
+    """A hub moderation model (a tiny BeaverDam-shaped checkpoint with a random head) as the filter:
+    at threshold t it drops exactly the samples whose score exceeds t; at 0.5 its own verdicts."""
+    from real import tiny
+
+    from hftlab.judges.beaver_dam import BeaverDamJudge
+
+    judge = BeaverDamJudge(model=str(tiny.beaver_dam(tmp_path / "bd", seed=3)))
+    upload = hub_source.harmful("attack", 6) + registry.get("task", "sst2")().examples(hub_source, "train", 6)
+    verdicts = judge.score([ex.prompt for ex in upload], [ex.response for ex in upload])
+    scores = sorted(v["score"] for v in verdicts)
+    t = (scores[5] + scores[6]) / 2  # half of the samples score above t
+    kept, m = filter_upload(upload, judge, t)
+    assert kept == [ex for ex, v in zip(upload, verdicts) if not v["score"] > t] and len(kept) == 6
+    kept_default, _ = filter_upload(upload, judge, 0.5)
+    assert kept_default == [ex for ex, v in zip(upload, verdicts) if not v["harmful"]]
+    assert m["n_harmful"] == 6 and m["n_kept"] == 6
+    assert m["harmful_passed"] == sum(ex.kind == "harmful" for ex in kept)
