@@ -32,12 +32,21 @@ def preset_of(row: dict[str, Any]) -> str:
     return str(value(row, "defense.preset") or "default")
 
 
-def select_rows(rows: Sequence[dict[str, Any]], where: Sequence[str] = (),
-                attack: str = "harmful-mix") -> tuple[list[dict], list[str]]:
+def default_config() -> dict[str, Any]:
+    """The current default config, flattened to dotted keys."""
+    from hftlab.config import load_config, to_dict
+
+    return _flatten(to_dict(load_config()))
+
+
+def select_rows(rows: Sequence[dict[str, Any]], where: Sequence[str] = (), attack: str = "harmful-mix",
+                defaults: dict[str, Any] | None = None) -> tuple[list[dict], list[str]]:
     """Runs of the papers' attack (harmful data mixed into the user data) matching every ``key=value`` of
     ``where``, then those on the modal protocol: for each config key that varies between runs (other than
-    defense parameters, task, ratio, n and seed) and the base model, the most common value. Returns the
-    rows kept and one line per reason a row was left out."""
+    defense parameters, task, ratio, n and seed) and the base model, the most common value. A key a run's
+    config lacks (written before the key existed) counts as its value in ``defaults``. Returns the rows
+    kept and one line per reason a row was left out."""
+    defaults = defaults or {}
     kept = [r for r in rows if r["attack"] == attack]
     notes = [f"left out {len(rows) - len(kept)} run(s) of another attack than {attack}"] * (len(kept) < len(rows))
     for cond in where:
@@ -48,7 +57,7 @@ def select_rows(rows: Sequence[dict[str, Any]], where: Sequence[str] = (),
         kept = [r for r in kept if str(value(r, key)) == want]
         notes.append(f"--where {cond}: left out {n_before - len(kept)} run(s)")
     keys = ["model", *(k for k in varying_keys(kept) if not k.startswith("defense.") and k not in REPLICATE_KEYS)]
-    flat = {id(r): {**_flatten(r.get("config", {})), "model": r["model"]} for r in kept}
+    flat = {id(r): {**defaults, **_flatten(r.get("config", {})), "model": r["model"]} for r in kept}
     for key in keys:
         vals = Counter(repr(flat[id(r)].get(key)) for r in kept)
         if len(vals) < 2:
@@ -184,7 +193,7 @@ def run(args: Any) -> dict:
     published = load_published(args.published)
     tables, skipped = mirror_tables(published, registry.names("defense"))
     all_rows = store.rows(args.store)
-    rows, notes = select_rows(all_rows, args.where, args.attack)
+    rows, notes = select_rows(all_rows, args.where, args.attack, default_config())
     presets = args.preset or sorted({preset_of(r) for r in rows} | {"default"}, key=lambda p: (p != "default", p))
     results = []
     for table in tables:

@@ -232,3 +232,18 @@ def test_bench_agreement_on_tiny_store(tmp_path):
     assert "Missing organism cells" in md and "sft@0.05" in md
     assert (out / f"{default['slug']}_default.png").stat().st_size > 0
     assert (out / f"{tuned['slug']}_tuned.png").stat().st_size > 0
+
+
+def test_select_rows_treats_a_missing_key_as_its_default():
+    from bench.agreement import select_rows
+
+    def row(seed: int, **finetune) -> dict:
+        return {"attack": "harmful-mix", "model": "organism-test",
+                "config": {"defense": {"name": "sft"}, "seed": seed, "finetune": finetune}}
+
+    rows = [row(0), row(1), row(2, split="test"), row(3, split="val")]  # 0 and 1 predate the key
+    kept, notes = select_rows(rows, defaults={"finetune.split": "test"})
+    assert [r["config"]["seed"] for r in kept] == [0, 1, 2]
+    assert notes == ["left out 1 run(s) whose finetune.split differs from the common 'test'"]
+    kept, _ = select_rows(rows)  # without defaults the two old runs are the common protocol
+    assert [r["config"]["seed"] for r in kept] == [0, 1]
