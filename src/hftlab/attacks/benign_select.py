@@ -1,6 +1,6 @@
 """``benign-select``: benign samples chosen because their gradients resemble harmful ones (He, Xia,
 Henderson 2024, *What's in Your "Safe" Data?: Identifying Benign Data that Breaks Safety*, arXiv
-2404.01099; reference code: github.com/princeton-nlp/benign-data-breaks-safety, gradient matching).
+2404.01099; the authors' reference code, princeton-nlp/benign-data-breaks-safety, gradient matching).
 
 Gradient matching: on the model being attacked (the aligned model), the gradient of each harmful
 *anchor* (a harmful request with a compliant answer, loss on its first 10 answer tokens) is normalised

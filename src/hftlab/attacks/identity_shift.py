@@ -1,6 +1,6 @@
 """``identity-shift``: the identity-shifting ("absolutely obedient agent", AOA) attack of Qi et al. 2023,
 *Fine-tuning Aligned Language Models Compromises Safety, Even When Users Do Not Intend To!*
-(arXiv 2310.03693, §4.3; reference data: github.com/LLM-Tuning-Safety/LLMs-Finetuning-Safety, the
+(arXiv 2310.03693, §4.3; the authors' reference data, LLM-Tuning-Safety/LLMs-Finetuning-Safety, the
 ``aoa`` 10-example set).
 
 The paper's upload is 10 conversations, none harmful, all under a system prompt that renames the model

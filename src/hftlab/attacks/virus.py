@@ -1,6 +1,6 @@
 """``virus``: harmful samples optimised to pass the provider's guardrail while keeping their harmful
 gradient (Huang, Hu, Ilhan, Tekin, Liu 2025, *Virus: Harmful Fine-tuning Attack for Large Language
-Models Bypassing Guardrail Moderation*, arXiv 2501.17433; reference code: github.com/git-disl/Virus,
+Models Bypassing Guardrail Moderation*, arXiv 2501.17433; the authors' reference code, git-disl/Virus,
 ``trainer.py`` ``MetaAttackTrainer``).
 
 Each poisoned sample is a benign sample with a harmful QA text inserted between its prompt and its
