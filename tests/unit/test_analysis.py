@@ -178,7 +178,7 @@ def test_basin_direction_perturbation_and_width(pair):
     d = basin.random_direction(model, seed=0)
     params = dict(model.named_parameters())
     assert set(d) == {n for n, p in params.items() if p.dim() >= 2}
-    assert all(float(d[n].norm()) == pytest.approx(float(params[n].norm()), rel=1e-5) for n in d)
+    assert all(float(d[n].norm()) == pytest.approx(float(params[n].detach().norm()), rel=1e-5) for n in d)
     before = {n: p.detach().clone() for n, p in params.items()}
     with basin.perturbed(model, [(0.5, d)]):
         n0 = next(iter(d))

@@ -53,7 +53,7 @@ def label(subject: Any) -> str:
 
 
 def analyze(subjects: Sequence[Any], out: Path, names: Sequence[str] = NAMES,
-            params: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+            params: dict[str, dict[str, Any]] | None = None, command: str = "") -> dict[str, Any]:
     """Run ``names`` on every subject (``<out>/<run label>/<analysis>.json|png``) and, for two or more
     subjects, each analysis's cross-run summary (``<out>/<analysis>_summary.json`` and its PNG)."""
     from .common import write_result
@@ -63,7 +63,7 @@ def analyze(subjects: Sequence[Any], out: Path, names: Sequence[str] = NAMES,
     mods = {n: module(n) for n in names}
     rows: dict[str, list[tuple[dict, dict]]] = {n: [] for n in names}
     timings: dict[str, float] = {n: 0.0 for n in names}
-    index: dict[str, Any] = {"runs": [], "analyses": list(names)}
+    index: dict[str, Any] = {"runs": [], "analyses": list(names), "command": command}
     for subject in subjects:
         folder = out / label(subject)
         meta = subject.meta()

@@ -156,7 +156,10 @@ def summarise(rows: Sequence[tuple[dict[str, Any], dict[str, Any]]], out: Path) 
     names = ["aligned, non-refusal", "final, non-refusal", "aligned, HS", "final, HS"]
     st = plotting.styles(names)
     for nm, key in zip(names, ("aligned_width_asr", "final_width_asr", "aligned_width_hs", "final_width_hs")):
-        plotting.band(ax, [100 * p for p in ratios], [summary[str(p)][key] for p in ratios], nm, st[nm])
+        style = {**st[nm], "ls": "--"} if nm.startswith("aligned") else st[nm]  # the two aligned curves overlap
+        plotting.band(ax, [100 * p for p in ratios], [summary[str(p)][key] for p in ratios], nm, style)
+    alphas = rows[0][1]["alphas"]
+    ax.axhline(alphas[-1] - alphas[0], color="grey", ls=":", lw=1.5, label="whole α grid: no edge found")
     plotting.finish(ax, "Safety-basin width before / after fine-tuning", "harmful ratio p (%)",
                     "basin width (α units, × matrix norm)")
     plotting.save(fig, out / "basin_width_vs_p.png")

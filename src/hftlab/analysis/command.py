@@ -86,14 +86,27 @@ def parse_params(items: list[str], quick: bool) -> dict[str, dict[str, Any]]:
     return params
 
 
+def _command(args: argparse.Namespace) -> str:
+    """The command line that reproduces this report (for the index and the card)."""
+    parts = ["hftlab analyze", *[f"-c {c}" for c in args.config], *args.overrides, *[f"--run {r}" for r in args.run]]
+    parts += [f"--{k} {getattr(args, k)}" for k in ("aligned", "final", "base", "only", "card") if getattr(args, k)]
+    parts += [f"--jobs {args.jobs}", f"--out {args.out}", *(["--quick"] if args.quick else [])]
+    parts += [f"--param '{p}'" for p in args.param]
+    return " ".join(parts)
+
+
 def main(args: argparse.Namespace) -> int:
     from . import NAMES, analyze
 
+    from . import module
+
     names = [n.strip() for n in args.only.split(",") if n.strip()] or list(NAMES)
+    for n in names:  # a bad name fails before any run is loaded or computed
+        module(n)
     params = parse_params(args.param, args.quick)
     start = time.time()
     subjects = subjects_from_args(args)
-    index = analyze(subjects, Path(args.out), names, params)
+    index = analyze(subjects, Path(args.out), names, params, command=_command(args))
     if args.card:
         from .card import write_card
 
