@@ -122,7 +122,7 @@ for i in range(n):
 
 @pytest.mark.parametrize("journal", ["wal", "delete"])
 def test_store_loses_no_row_under_concurrent_writers(tmp_path, journal):
-    path, writers, n = tmp_path / "deep" / "results.sqlite", 8, 40
+    path, writers, n = tmp_path / "deep" / "results.sqlite", 8, 25
     start = time.time() + 2.0
     env = {**os.environ, "HFTLAB_STORE_JOURNAL": journal}
     procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(path), str(w), str(n), str(start)],
