@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import platform
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -100,6 +101,15 @@ def stage_dir(out_dir: str | Path, stage: str, digest: str) -> Path:
 
 def is_complete(folder: Path) -> bool:
     return (folder / "manifest.json").is_file()
+
+
+def discard_partial(folder: Path) -> bool:
+    """Remove a stage folder that a killed run left without its manifest, so that none of its files (a
+    half-written model, a temporary file of an atomic write) is reused by the stage's next computation."""
+    if folder.is_dir() and not is_complete(folder):
+        shutil.rmtree(folder)
+        return True
+    return False
 
 
 @contextlib.contextmanager

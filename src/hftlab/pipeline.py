@@ -21,8 +21,8 @@ from typing import Any, Callable
 import torch
 
 from . import registry
-from .artifacts import (content_hash, follow_umask, is_complete, link_stages, read_json, stage_dir, stage_lock,
-                        write_json, write_manifest)
+from .artifacts import (content_hash, discard_partial, follow_umask, is_complete, link_stages, read_json, stage_dir,
+                        stage_lock, write_json, write_manifest)
 from .code_identity import code_fingerprint
 from .config import Config, ConfigError, ModelConfig, to_dict
 from .data.format import Formatter
@@ -147,6 +147,9 @@ class Pipeline:
             self.stages.append(Stage(name, 0.0, True, manifest.get("metrics", {}), str(folder)))
             log.info("%s: cached (%s)", name, folder)
             return manifest
+        if acc.is_main_process and discard_partial(folder):
+            log.info("%s: discarded the partial folder of an interrupted run (%s)", name, folder)
+        acc.wait_for_everyone()
         start = time.time()
         metrics = work(folder)
         seconds = time.time() - start
