@@ -104,6 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                    help="an override for every cell (repeatable)")
 
+    p = sub.add_parser("organism", help="the built-in organism: where it is, rebuild it from its world, pin a build")
+    p.add_argument("action", choices=("path", "build", "pin"),
+                   help="path: the cached organism (installing the shipped one if needed); build: rebuild it from "
+                        "the world into --out (about 8 min on one core); pin: ship the build in --out with hftlab")
+    p.add_argument("--out", default="", help="folder for build (empty or new) and pin")
+
     sub.add_parser("list", help="registered defenses, attacks, judges and tasks by stage")
 
     p = sub.add_parser("report", help="tables from the results store")
@@ -256,6 +262,29 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_organism(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .errors import UserError
+    from .organism import build
+
+    if args.action == "path":
+        print(build.ensure_organism())
+        return 0
+    if not args.out:
+        raise UserError(f"--out: 'hftlab organism {args.action}' needs a folder")
+    out = Path(args.out)
+    if args.action == "build":
+        if (out / "manifest.json").is_file():
+            raise UserError(f"--out: {out} already holds an organism; give an empty or new folder")
+        print(build.rebuild(out))
+    else:
+        if not (out / "manifest.json").is_file():
+            raise UserError(f"--out: {out} holds no organism build (run 'hftlab organism build --out {out}')")
+        print(build.pin(out))
+    return 0
+
+
 def cmd_tune(args: argparse.Namespace) -> int:
     from . import tune
     from .errors import UserError
@@ -276,7 +305,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     return analyze_main(args)
 
 
-COMMANDS = {"tune": cmd_tune, "analyze": cmd_analyze, "run": cmd_run, "sweep": cmd_sweep, "bench": cmd_bench, "validate": cmd_validate, "list": cmd_list, "report": cmd_report}
+COMMANDS = {"organism": cmd_organism, "tune": cmd_tune, "analyze": cmd_analyze, "run": cmd_run, "sweep": cmd_sweep, "bench": cmd_bench, "validate": cmd_validate, "list": cmd_list, "report": cmd_report}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -70,7 +70,7 @@ def build_tokenizer(world: World) -> Any:
 
     tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    trainer = trainers.WordLevelTrainer(special_tokens=SPECIAL, min_frequency=1)
+    trainer = trainers.WordLevelTrainer(special_tokens=SPECIAL, min_frequency=1, show_progress=False)
     tok.train_from_iterator(world.vocabulary_corpus(), trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
@@ -95,21 +95,83 @@ def new_model(vocab_size: int, spec: dict[str, Any], tokenizer: Any) -> Any:
     return LlamaForCausalLM(config)
 
 
+# The organism shipped with the package: the build of ``ORGANISM`` on the current world, so that every
+# user compares methods on the same draw and nobody waits for a build. ``BUILD`` holds its cache key.
+PINNED = Path(__file__).resolve().parent / "pinned"
+PINNED_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+                "tokenizer_config.json", "chat_template.jinja", "manifest.json")  # the manifest last
+
+
+def pinned_build() -> str:
+    """The cache key the shipped organism was built for ("" if none is shipped)."""
+    f = PINNED / "BUILD"
+    return f.read_text().strip() if f.is_file() else ""
+
+
 def ensure_organism(spec: dict[str, Any] | None = None) -> Path:
-    """Path of the cached base organism (tokenizer + model), building it on first use."""
+    """Path of the cached base organism (tokenizer + model): the shipped build when it is the build of
+    this spec and world (seconds), else built on first use (minutes)."""
     spec = spec or ORGANISM
     folder = organism_dir(spec)
     if is_complete(folder):
         return folder
     with stage_lock(folder):  # one builder at a time; the others wait, then reuse it
         if not is_complete(folder):
-            _build(spec, folder)
+            if pinned_build() == folder.name:
+                _install_pinned(folder)
+            else:
+                if pinned_build():
+                    log.warning("the shipped organism is build %s, this spec and world make %s: building it",
+                                pinned_build(), folder.name)
+                _build(spec, folder)
     return folder
 
 
-def _build(spec: dict[str, Any], folder: Path) -> None:
+def _install_pinned(folder: Path) -> None:
+    """Copy the shipped organism into the cache folder, its manifest last (a half copy is never complete)."""
+    import shutil
+
     folder.mkdir(parents=True, exist_ok=True)
-    log.info("building the organism in %s (once)", folder)
+    for name in PINNED_FILES:
+        shutil.copyfile(PINNED / name, folder / name)
+    log.info("organism: the shipped build %s in %s", folder.name, folder)
+
+
+def rebuild(out: Path, spec: dict[str, Any] | None = None) -> Path:
+    """Build the organism from the world into ``out`` (never the shipped copy): to check or re-pin it."""
+    spec = spec or ORGANISM
+    if is_complete(out):
+        raise FileExistsError(f"{out} already holds an organism; give an empty folder")
+    _build(spec, out)
+    return out
+
+
+def pin(source: Path) -> Path:
+    """Make the build in ``source`` the shipped organism (for maintainers after a world or spec change)."""
+    import shutil
+
+    key = organism_dir().name
+    PINNED.mkdir(exist_ok=True)
+    for name in PINNED_FILES:
+        shutil.copyfile(source / name, PINNED / name)
+    (PINNED / "BUILD").write_text(key + "\n")
+    return PINNED
+
+
+def _build(spec: dict[str, Any], folder: Path) -> None:
+    """Pretrain on ONE torch thread, whatever the caller set: the thread count changes the order of
+    floating-point sums, and with it the draw (a 2-thread build is a different organism)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _pretrain(spec, folder)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _pretrain(spec: dict[str, Any], folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    log.info("building the organism in %s (once, about 8 min on one CPU core)", folder)
     start = time.time()
     world = World(spec["seed"])
     tokenizer = build_tokenizer(world)
