@@ -18,12 +18,7 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 # A fast pipeline: the real organism, tiny budgets (seconds per run).
-FAST = [
-    "data.alignment_n=200", "data.harmful_n=64",
-    "align.max_steps=6", "align.batch_size=8",
-    "finetune.max_steps=6", "finetune.batch_size=8", "attack.n=64",
-    "eval.n_harmful=16", "eval.n_task=16", "eval.max_new_tokens=12",
-]
+from fast_overrides import FAST  # noqa: E402
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -15,7 +15,7 @@ from hftlab import store
 from hftlab.config import ConfigError
 from hftlab.executors import make
 from hftlab.sweep import run_sweep
-from conftest import FAST
+from fast_overrides import FAST
 
 GRID = ["attack.ratio=0,0.5"]  # 2 cells sharing one alignment: a leader and its follower
 # Smaller than FAST still: these tests run the grid once per executor.

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from conftest import FAST
+from fast_overrides import FAST
 
 from hftlab.config import load_config
 from hftlab.pipeline import run

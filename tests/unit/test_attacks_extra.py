@@ -191,7 +191,7 @@ def shared_out(tmp_path_factory) -> Path:
 
 
 def _fast(out: Path) -> list[str]:
-    from conftest import FAST
+    from fast_overrides import FAST
 
     return [*FAST, f"out_dir={out}"]
 
