@@ -138,10 +138,12 @@ def test_pool_shares_alignment_and_matches_hftlab_run(fast_overrides, tmp_path):
     assert len(_store_rows(out)) == 3
 
 
-def test_failed_cell_is_named_and_the_others_finish(fast_overrides):
-    cells = plan([], ["model.name=organism,/nonexistent/model"], fast_overrides)
-    with pytest.raises(RuntimeError, match=r"^1 sweep cell\(s\) failed; first: cell .*model\.name=/nonexistent/model "
-                                           r"failed: \w+: .*nonexistent"):
+def test_failed_cell_is_named_and_the_others_finish(fast_overrides, tmp_path):
+    empty = tmp_path / "empty-model"  # a folder that exists (so preflight lets it through) but holds no model
+    empty.mkdir()
+    cells = plan([], [f"model.name=organism,{empty}"], fast_overrides)
+    with pytest.raises(RuntimeError, match=r"^1 sweep cell\(s\) failed; first: cell .*model\.name=.*empty-model "
+                                           r"failed: \w+: "):
         run_cells(cells, jobs=2)
     assert cells[0].result_path.is_file() and not cells[1].result_path.is_file()
 
