@@ -160,10 +160,11 @@ def summary(tables: dict[str, dict[str, Any]]) -> str:
     from .report import render
 
     rows = []
+    for t in list(tables.values())[:1]:  # every defense is compared with the same SFT cells
+        rows.append(["sft", "", f"{t['sft']['hs']:.1f}", f"{t['sft']['fa']:.1f}", "reference"])
     for d, t in tables.items():
         for r in t["grid"]:
             setting = ", ".join(f"{k}={v}" for k, v in r["setting"].items())
             mark = ("chosen" if r["chosen"] else "") + (" (paper)" if r["paper"] else "")
             rows.append([d, setting, f"{r['hs']:.1f}", f"{r['fa']:.1f}", mark.strip()])
-        rows.append([f"sft ({d} seeds)", "", f"{t['sft']['hs']:.1f}", f"{t['sft']['fa']:.1f}", ""])
     return render(["defense", "setting", "val HS (%)", "val FA (%)", ""], rows)
