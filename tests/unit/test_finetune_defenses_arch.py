@@ -16,7 +16,7 @@ from hftlab.defenses.lisa import ALIGN, FINETUNE, Lisa
 from hftlab.models.introspect import layer_index_of
 
 MAKERS = {
-    "lisa": lambda: Lisa(alignment_step=1, finetune_step=1, proximal_after=0.0),
+    "lisa": lambda: Lisa(schedule="steps", alignment_step=1, finetune_step=1, proximal_after=0.0),
     "ldifs": lambda: LDIFS(lam=1e-2),
     "constrained-sft": ConstrainedSFT,
     "freeze": lambda: Freeze(layers="1"),
