@@ -17,11 +17,7 @@ from typing import Any
 
 import yaml
 
-from .errors import UserError
-
-
-class ConfigError(UserError, ValueError):
-    """A bad configuration value; its message is one line naming the key and its origin."""
+from .errors import ConfigError  # defined with the other user errors, so config_files can raise it too
 
 
 def rng(lo: float | None = None, hi: float | None = None, **kw: Any) -> dict[str, Any]:

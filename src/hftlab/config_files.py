@@ -9,6 +9,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from .errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 SHIPPED = Path(__file__).resolve().parent / "configs"
@@ -25,8 +27,6 @@ def shipped_configs(root: Path = SHIPPED) -> list[Path]:
 def find_config(name: str | Path, root: Path = SHIPPED) -> Path:
     """``name`` itself when it is a file; else the shipped config it names, relative to ``root`` with or
     without ``.yaml`` (``defenses/lisa``), or by its file name alone (``lisa``) when that is unique."""
-    from .config import ConfigError
-
     path = Path(name)
     if path.is_file():
         return path

@@ -9,3 +9,7 @@ from __future__ import annotations
 
 class UserError(Exception):
     """An error in what the user gave (config, file, flag); the message is one line naming the key or file."""
+
+
+class ConfigError(UserError, ValueError):
+    """A bad configuration value; its message is one line naming the key and its origin."""

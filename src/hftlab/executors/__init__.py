@@ -39,7 +39,7 @@ def from_args(args: argparse.Namespace) -> "Executor":
     for opt in getattr(args, "slurm_opt", []):
         key, sep, value = opt.partition("=")
         if not sep or not key:
-            from ..config import ConfigError
+            from ..errors import ConfigError
 
             raise ConfigError(f"--slurm-opt '{opt}': expected KEY=VALUE")
         extra[key.strip()] = value.strip()
@@ -63,6 +63,6 @@ def make(name: str = "local", **opts: object) -> "Executor":
         keys = ("partition", "time_min", "mem_gb", "per", "folder", "extra", "cluster", "poll_s")
         kw = {k: opts[k] for k in keys if opts.get(k) is not None}
         return SlurmExecutor(gpus=int(opts.get("gpus") or 0), **kw)  # type: ignore[arg-type]
-    from ..config import ConfigError
+    from ..errors import ConfigError
 
     raise ConfigError(f"--executor: {name!r} is not one of {', '.join(NAMES)}")

@@ -22,7 +22,7 @@ def _ray() -> Any:
     try:
         import ray
     except ImportError:
-        from ..config import ConfigError
+        from ..errors import ConfigError
 
         raise ConfigError("--executor ray: Ray is not installed (pip install 'hftlab[ray]')") from None
     return ray

@@ -31,7 +31,7 @@ def _submitit() -> Any:
     try:
         import submitit
     except ImportError:
-        from ..config import ConfigError
+        from ..errors import ConfigError
 
         raise ConfigError("--executor slurm: submitit is not installed (pip install 'hftlab[slurm]')") from None
     return submitit
@@ -78,7 +78,7 @@ class SlurmExecutor(Executor):
                  mem_gb: float | None = None, per: str = "cell", folder: str | None = None,
                  cluster: str | None = "slurm", extra: dict[str, Any] | None = None, poll_s: float | None = None):
         if per not in ("cell", "group"):
-            from ..config import ConfigError
+            from ..errors import ConfigError
 
             raise ConfigError(f"--slurm-per: {per!r} is not one of cell, group")
         self.partition, self.time_min, self.gpus, self.mem_gb = partition, time_min, gpus, mem_gb
