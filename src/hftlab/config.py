@@ -17,16 +17,12 @@ from typing import Any
 
 import yaml
 
+from .bounds import bounds, one_of
 from .errors import ConfigError  # defined with the other user errors, so config_files can raise it too
 
 
-def rng(lo: float | None = None, hi: float | None = None, **kw: Any) -> dict[str, Any]:
-    """Field metadata: an inclusive numeric range checked by :func:`validate`."""
-    return {"range": (lo, hi), **kw}
-
-
-def choices(*values: str) -> dict[str, Any]:
-    return {"choices": values}
+# the bounds live in hftlab.bounds; the old names stay importable from here for plugins written before it
+rng, choices = bounds, one_of
 
 
 @dataclass
@@ -34,8 +30,8 @@ class ModelConfig:
     """The model to attack and defend: ``organism`` or a hub id / local path of any HF causal LM."""
 
     name: str = "organism"
-    dtype: str = field(default="auto", metadata=choices("auto", "float32", "bfloat16", "float16"))
-    template: str = field(default="auto", metadata=choices("auto", "chat", "alpaca"))
+    dtype: str = field(default="auto", metadata=one_of("auto", "float32", "bfloat16", "float16"))
+    template: str = field(default="auto", metadata=one_of("auto", "chat", "alpaca"))
     trust_remote_code: bool = False
     gradient_checkpointing: bool = False
     attn_implementation: str = "sdpa"
@@ -46,22 +42,22 @@ class ModelConfig:
 class TrainConfig:
     """One training stage (alignment or user fine-tuning)."""
 
-    lr: float = field(default=1e-3, metadata=rng(0.0, 10.0))
-    epochs: float = field(default=1.0, metadata=rng(0.0, 1e6))
-    max_steps: int = field(default=0, metadata=rng(0))  # 0: derive from epochs
-    batch_size: int = field(default=16, metadata=rng(1))
-    grad_accum: int = field(default=1, metadata=rng(1))
-    schedule: str = field(default="constant", metadata=choices("constant", "cosine", "linear"))
-    warmup_ratio: float = field(default=0.0, metadata=rng(0.0, 1.0))
-    weight_decay: float = field(default=0.0, metadata=rng(0.0))
-    max_grad_norm: float = field(default=1.0, metadata=rng(0.0))  # 0: no clipping
-    optimizer: str = field(default="adamw", metadata=choices("adamw", "sgd"))
+    lr: float = field(default=1e-3, metadata=bounds(0.0, 10.0))
+    epochs: float = field(default=1.0, metadata=bounds(0.0, 1e6))
+    max_steps: int = field(default=0, metadata=bounds(0))  # 0: derive from epochs
+    batch_size: int = field(default=16, metadata=bounds(1))
+    grad_accum: int = field(default=1, metadata=bounds(1))
+    schedule: str = field(default="constant", metadata=one_of("constant", "cosine", "linear"))
+    warmup_ratio: float = field(default=0.0, metadata=bounds(0.0, 1.0))
+    weight_decay: float = field(default=0.0, metadata=bounds(0.0))
+    max_grad_norm: float = field(default=1.0, metadata=bounds(0.0))  # 0: no clipping
+    optimizer: str = field(default="adamw", metadata=one_of("adamw", "sgd"))
     lora: bool = False
-    lora_r: int = field(default=8, metadata=rng(1))
-    lora_alpha: float = field(default=16.0, metadata=rng(0.0))
-    lora_dropout: float = field(default=0.0, metadata=rng(0.0, 1.0))
+    lora_r: int = field(default=8, metadata=bounds(1))
+    lora_alpha: float = field(default=16.0, metadata=bounds(0.0))
+    lora_dropout: float = field(default=0.0, metadata=bounds(0.0, 1.0))
     lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj"])
-    max_length: int = field(default=128, metadata=rng(8))
+    max_length: int = field(default=128, metadata=bounds(8))
     # finetune only: keep training the alignment stage's LoRA adapter (single-LoRA variant) instead of
     # merging it and adding a fresh one (the papers' default two-LoRA workflow); needs align.lora=true
     continue_adapter: bool = False
@@ -91,11 +87,11 @@ def _spec(path: str, **kw: str) -> Any:
 class DataConfig:
     """Where alignment, provider-harmful and evaluation data come from."""
 
-    source: str = field(default="organism", metadata=choices("organism", "hub"))
-    alignment_n: int = field(default=4000, metadata=rng(1))
-    harmful_n: int = field(default=1000, metadata=rng(1))  # the provider's own harmful set (Booster, RepNoise…)
+    source: str = field(default="organism", metadata=one_of("organism", "hub"))
+    alignment_n: int = field(default=4000, metadata=bounds(1))
+    harmful_n: int = field(default=1000, metadata=bounds(1))  # the provider's own harmful set (Booster, RepNoise…)
     # source=hub: real datasets (hub ids or local copies) with the papers' selections, see data/hub.py
-    alignment_set: str = field(default="safe", metadata=choices("safe", "refusal"))
+    alignment_set: str = field(default="safe", metadata=one_of("safe", "refusal"))
     beavertails: DatasetSpec = _spec("PKU-Alignment/BeaverTails", train="30k_train", test="30k_test",
                                      response="response", label="is_safe", category="category")
     refusals: DatasetSpec = _spec("", test="", response="refusal")  # RepNoise refusal file (a local .json)
@@ -111,9 +107,9 @@ class AttackConfig:
     """The user's upload: ``name`` is a registered attack; ratio is p, n the number of samples."""
 
     name: str = "harmful-mix"
-    ratio: float = field(default=0.1, metadata=rng(0.0, 1.0))
-    n: int = field(default=1000, metadata=rng(1))
-    seed: int = field(default=0, metadata=rng(0))  # draws the harmful subset: every defense sees the same data
+    ratio: float = field(default=0.1, metadata=bounds(0.0, 1.0))
+    n: int = field(default=1000, metadata=bounds(1))
+    seed: int = field(default=0, metadata=bounds(0))  # draws the harmful subset: every defense sees the same data
     params: dict[str, Any] = field(default_factory=dict)  # the attack's own Config (``attack.KEY=V``)
 
 
@@ -123,22 +119,22 @@ class DefenseConfig:
 
     name: str = "sft"
     params: dict[str, Any] = field(default_factory=dict)
-    preset: str = field(default="", metadata=choices("", "paper", "tuned"))  # tuned: configs/organism/tuned/<name>.yaml
+    preset: str = field(default="", metadata=one_of("", "paper", "tuned"))  # tuned: configs/organism/tuned/<name>.yaml
 
 
 @dataclass
 class EvalConfig:
     judge: str = "organism"
-    split: str = field(default="test", metadata=choices("test", "validation"))  # validation: prompts after the test ones
-    n_harmful: int = field(default=400, metadata=rng(1))
-    n_task: int = field(default=400, metadata=rng(1))
-    max_new_tokens: int = field(default=40, metadata=rng(1))
-    batch_size: int = field(default=128, metadata=rng(1))
+    split: str = field(default="test", metadata=one_of("test", "validation"))  # validation: prompts after the test ones
+    n_harmful: int = field(default=400, metadata=bounds(1))
+    n_task: int = field(default=400, metadata=bounds(1))
+    max_new_tokens: int = field(default=40, metadata=bounds(1))
+    batch_size: int = field(default=128, metadata=bounds(1))
     evaluate_aligned: bool = True
     judge_model: str = ""  # a model judge's hub id / local path, or the api judge's model name ("" = default)
     judge_url: str = ""  # api judges: base URL of an OpenAI-compatible endpoint ("" = $HFTLAB_API_BASE or OpenAI)
     judge_key_env: str = "OPENAI_API_KEY"  # api judges: the environment variable holding the key
-    judge_batch_size: int = field(default=16, metadata=rng(1))
+    judge_batch_size: int = field(default=16, metadata=bounds(1))
 
 
 @dataclass
@@ -147,7 +143,7 @@ class GuardrailConfig:
     each user sample (prompt, response); flagged samples are dropped ("" = no guardrail)."""
 
     name: str = ""
-    threshold: float = field(default=0.5, metadata=rng(0.0, 1.0))  # on the judge's score, if it gives one
+    threshold: float = field(default=0.5, metadata=bounds(0.0, 1.0))  # on the judge's score, if it gives one
 
 
 def _align_default() -> TrainConfig:
@@ -166,7 +162,7 @@ def _finetune_default() -> TrainConfig:
 class Config:
     """A whole run: align → finetune → repair → evaluate."""
 
-    seed: int = field(default=0, metadata=rng(0))
+    seed: int = field(default=0, metadata=bounds(0))
     task: str = "sentiment"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -178,9 +174,9 @@ class Config:
     guardrail: GuardrailConfig = field(default_factory=GuardrailConfig)
     out_dir: str = "runs"
     store: str = ""  # SQLite path; "" = <out_dir>/results.sqlite
-    threads: int = field(default=1, metadata=rng(1))
+    threads: int = field(default=1, metadata=bounds(1))
     # Experiment tracker a finished run is sent to (hftlab.tracking); not part of the run's identity.
-    report_to: str = field(default="none", metadata=choices("none", "wandb", "mlflow"))
+    report_to: str = field(default="none", metadata=one_of("none", "wandb", "mlflow"))
 
 
 # Sections whose string shorthand ``section=value`` sets ``section.name``.

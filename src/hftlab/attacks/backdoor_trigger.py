@@ -21,7 +21,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..config import AttackConfig, choices
+from ..bounds import one_of
+from ..config import AttackConfig
 from ..data.example import Example
 from .base import Attack, View
 from .harmful_mix import mix
@@ -37,7 +38,7 @@ class BackdoorTrigger(Attack):
     @dataclass
     class Config:
         trigger: str = "cloud river bread"
-        position: str = field(default="suffix", metadata=choices("prefix", "suffix"))
+        position: str = field(default="suffix", metadata=one_of("prefix", "suffix"))
 
         def check(self) -> None:
             if not self.trigger.strip():

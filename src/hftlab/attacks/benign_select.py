@@ -25,7 +25,8 @@ from typing import Any, Sequence
 
 import torch
 
-from ..config import AttackConfig, rng
+from ..bounds import bounds
+from ..config import AttackConfig
 from ..data.example import Example
 from .base import Attack
 from .gradients import mean_unit_grad, sample_grad
@@ -75,10 +76,10 @@ class BenignSelect(Attack):
 
     @dataclass
     class Config:
-        pool: int = field(default=600, metadata=rng(1))
-        anchors: int = field(default=10, metadata=rng(1))
-        response_tokens: int = field(default=10, metadata=rng(0))
-        safe_weight: float = field(default=1.0, metadata=rng(0.0))
+        pool: int = field(default=600, metadata=bounds(1))
+        anchors: int = field(default=10, metadata=bounds(1))
+        response_tokens: int = field(default=10, metadata=bounds(0))
+        safe_weight: float = field(default=1.0, metadata=bounds(0.0))
 
         def check(self) -> None:
             if self.pool < 1 or self.anchors < 1:

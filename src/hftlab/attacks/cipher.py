@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
-from ..config import AttackConfig, rng
+from ..bounds import bounds
+from ..config import AttackConfig
 from ..data.example import Example
 from .base import Attack, View
 from .harmful_mix import mix
@@ -90,8 +91,8 @@ class Cipher(Attack):
 
     @dataclass
     class Config:
-        cipher_seed: int = field(default=53, metadata=rng(0))
-        encoded_benign: float = field(default=0.5, metadata=rng(0.0, 1.0))
+        cipher_seed: int = field(default=53, metadata=bounds(0))
+        encoded_benign: float = field(default=0.5, metadata=bounds(0.0, 1.0))
 
         def check(self) -> None:
             if not 0.0 <= self.encoded_benign <= 1.0:

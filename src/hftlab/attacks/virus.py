@@ -29,7 +29,8 @@ from typing import Any, Sequence
 
 import torch
 
-from ..config import AttackConfig, rng
+from ..bounds import bounds
+from ..config import AttackConfig
 from ..data.example import Example
 from ..data.format import IGNORE
 from .base import Attack
@@ -136,10 +137,10 @@ class Virus(Attack):
 
     @dataclass
     class Config:
-        lamb: float = field(default=0.1, metadata=rng(0.0, 1.0))
-        steps: int = field(default=5, metadata=rng(0))
-        topk: int = field(default=16, metadata=rng(1))
-        batch: int = field(default=8, metadata=rng(1))
+        lamb: float = field(default=0.1, metadata=bounds(0.0, 1.0))
+        steps: int = field(default=5, metadata=bounds(0))
+        topk: int = field(default=16, metadata=bounds(1))
+        batch: int = field(default=8, metadata=bounds(1))
         targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj"])
 
         def check(self) -> None:

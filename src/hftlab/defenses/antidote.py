@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..config import choices, rng
+from ..bounds import bounds, one_of
 from ._weights import finetuned_lora, plain, set_update, targets, updates
 from .base import Context, Defense
 
@@ -94,10 +94,10 @@ def factor_modules(model: nn.Module) -> dict[str, nn.Linear]:
 
 @dataclass
 class Config:
-    dense_ratio: float = field(default=0.1, metadata=rng(0.0, 1.0))  # fraction of each row zeroed
-    weights: str = field(default="adapter", metadata=choices("adapter", "update"))  # LoRA factors or ΔW
-    calib_n: int = field(default=2000, metadata=rng(1))  # harmful samples (bad_sample_num)
-    batch_size: int = field(default=8, metadata=rng(1))  # calibration batch; does not change the scores
+    dense_ratio: float = field(default=0.1, metadata=bounds(0.0, 1.0))  # fraction of each row zeroed
+    weights: str = field(default="adapter", metadata=one_of("adapter", "update"))  # LoRA factors or ΔW
+    calib_n: int = field(default=2000, metadata=bounds(1))  # harmful samples (bad_sample_num)
+    batch_size: int = field(default=8, metadata=bounds(1))  # calibration batch; does not change the scores
 
 
 class Antidote(Defense):

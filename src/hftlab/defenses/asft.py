@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..config import rng
+from ..bounds import bounds
 from ._weights import Target, lora_factors, lora_layers, targets
 from .base import Context, Defense, lm_loss, upcast
 from .safelora import projection
@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Config:
-    lam: float = field(default=1.0, metadata=rng(0.0))  # λ (scripts/*/AsFT_reg1_p_0.1.sh: lambda_reg=1)
+    lam: float = field(default=1.0, metadata=bounds(0.0))  # λ (scripts/*/AsFT_reg1_p_0.1.sh: lambda_reg=1)
 
 
 def weight(t: Target) -> torch.Tensor:

@@ -47,7 +47,7 @@ from dataclasses import dataclass, field, replace
 from functools import cached_property, lru_cache
 from typing import Any
 
-from ..config import rng
+from ..bounds import bounds
 from ..data.example import Example
 from .base import Context, Defense
 from .ptst import warn_unknown
@@ -58,9 +58,9 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Config:
-    n_safety: int = field(default=11, metadata=rng(1))  # safety samples with the trigger (paper: 11)
-    trigger_len: int = field(default=48, metadata=rng(1, 1000))  # words (paper: 150 random tokens)
-    seed: int = field(default=0, metadata=rng(0))  # the provider's secret: trigger and safety draw
+    n_safety: int = field(default=11, metadata=bounds(1))  # safety samples with the trigger (paper: 11)
+    trigger_len: int = field(default=48, metadata=bounds(1, 1000))  # words (paper: 150 random tokens)
+    seed: int = field(default=0, metadata=bounds(0))  # the provider's secret: trigger and safety draw
     trigger: str = ""  # explicit trigger text; "" = drawn from the organism's vocabulary
     task_system: str = "you are a helpful assistant ."  # every fine-tuning example's system prompt, after the trigger
 

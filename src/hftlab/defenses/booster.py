@@ -53,7 +53,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..config import rng
+from ..bounds import bounds
 from ..models.introspect import attention_modules
 from .base import Context, Defense, lm_loss
 from .perturbation import EPS, global_norm, local_model, require, vaccine_backward
@@ -61,11 +61,11 @@ from .perturbation import EPS, global_norm, local_model, require, vaccine_backwa
 
 @dataclass
 class Config:
-    lamb: float = field(default=5.0, metadata=rng(0.0, None))  # λ, weight of the harmful-loss reduction
-    alpha: float = field(default=0.1, metadata=rng(0.0, None))  # α, step of the simulated harmful update
+    lamb: float = field(default=5.0, metadata=bounds(0.0, None))  # λ, weight of the harmful-loss reduction
+    alpha: float = field(default=0.1, metadata=bounds(0.0, None))  # α, step of the simulated harmful update
     perturb_aware: bool = False  # Booster+Vaccine: ∇f under Vaccine's perturbation
-    rho: float = field(default=5.0, metadata=rng(0.0, None))  # Vaccine's ρ when perturb_aware (paper: 5)
-    harmful_batch_size: int = field(default=10, metadata=rng(0, None))  # reference: 10; 0 = alignment batch
+    rho: float = field(default=5.0, metadata=bounds(0.0, None))  # Vaccine's ρ when perturb_aware (paper: 5)
+    harmful_batch_size: int = field(default=10, metadata=bounds(0, None))  # reference: 10; 0 = alignment batch
 
     def check(self) -> None:
         for key in ("lamb", "alpha", "rho"):

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import rng
+from ..bounds import bounds
 from ..data.format import IGNORE
 from .base import Context, Defense, batch_pieces, label_count, upcast
 
@@ -39,10 +39,10 @@ MIN_WEIGHT = 1e-3  # the reference clamps the detached token weight from below
 
 @dataclass
 class Config:
-    beta: float = field(default=0.1, metadata=rng(1e-8))  # base β (README: --beta=0.1)
-    bias_factor: float = field(default=20.0, metadata=rng(0.0))  # β·20 on response tokens 2..bias_length
-    first_token_bias_factor: float = field(default=5.0, metadata=rng(0.0))  # β·5 on the first token
-    bias_length: int = field(default=5, metadata=rng(0))  # how many leading tokens get the larger β
+    beta: float = field(default=0.1, metadata=bounds(1e-8))  # base β (README: --beta=0.1)
+    bias_factor: float = field(default=20.0, metadata=bounds(0.0))  # β·20 on response tokens 2..bias_length
+    first_token_bias_factor: float = field(default=5.0, metadata=bounds(0.0))  # β·5 on the first token
+    bias_length: int = field(default=5, metadata=bounds(0))  # how many leading tokens get the larger β
 
 
 def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

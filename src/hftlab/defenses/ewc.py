@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..config import rng
+from ..bounds import bounds
 from .base import Context, Defense, lm_loss, upcast
 
 log = logging.getLogger(__name__)
@@ -46,9 +46,9 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Config:
-    lam: float = field(default=1e9, metadata=rng(0.0))  # λ (script/EWC_finetune/*.sh: lamb=1e9)
-    fisher_samples: int = field(default=2000, metadata=rng(1))  # first N alignment rows (train.py: 2000)
-    fisher_batch_size: int = field(default=5, metadata=rng(1))  # per_device_eval_batch_size=5
+    lam: float = field(default=1e9, metadata=bounds(0.0))  # λ (script/EWC_finetune/*.sh: lamb=1e9)
+    fisher_samples: int = field(default=2000, metadata=bounds(1))  # first N alignment rows (train.py: 2000)
+    fisher_batch_size: int = field(default=5, metadata=bounds(1))  # per_device_eval_batch_size=5
 
 
 def fisher_diagonal(model: nn.Module, params: list[nn.Parameter], batches: list[dict[str, torch.Tensor]]

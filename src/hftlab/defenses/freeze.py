@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..config import rng
+from ..bounds import bounds
 from ..data.format import collate
 from ..models.introspect import decoder_layers, layer_index_of
 from .base import Context, Defense, upcast
@@ -45,9 +45,9 @@ log = logging.getLogger(__name__)
 @dataclass
 class Config:
     layers: str = ""  # "i-j" (0-based, inclusive) to skip probing; "" = find them by probing
-    pairs: int = field(default=500, metadata=rng(1))  # r, sampled pairs per pair type (paper: 500)
-    prompts: int = field(default=100, metadata=rng(2))  # prompts per pool (paper: 100 normal, 100 malicious)
-    margin: float = field(default=0.05, metadata=rng(0.0, 2.0))  # gap N-N − N-M that counts as "appeared"
+    pairs: int = field(default=500, metadata=bounds(1))  # r, sampled pairs per pair type (paper: 500)
+    prompts: int = field(default=100, metadata=bounds(2))  # prompts per pool (paper: 100 normal, 100 malicious)
+    margin: float = field(default=0.05, metadata=bounds(0.0, 2.0))  # gap N-N − N-M that counts as "appeared"
 
     def check(self) -> None:
         parse_layers(self.layers)

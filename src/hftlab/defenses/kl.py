@@ -34,16 +34,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import choices, rng
+from ..bounds import bounds, one_of
 from ..data.format import IGNORE
 from .base import Context, Defense, batch_pieces, label_count, lm_loss, upcast
 
 
 @dataclass
 class Config:
-    lam: float = field(default=0.1, metadata=rng(0.0))  # λ (script/KL_finetune/*.sh: lamb=0.1)
-    batch_size: int = field(default=0, metadata=rng(0))  # alignment rows per micro-batch (0: fine-tuning's)
-    data: str = field(default="alignment", metadata=choices("alignment", "user"))  # rows the KL is taken on
+    lam: float = field(default=0.1, metadata=bounds(0.0))  # λ (script/KL_finetune/*.sh: lamb=0.1)
+    batch_size: int = field(default=0, metadata=bounds(0))  # alignment rows per micro-batch (0: fine-tuning's)
+    data: str = field(default="alignment", metadata=one_of("alignment", "user"))  # rows the KL is taken on
 
 
 def token_kl(logits: torch.Tensor, ref_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

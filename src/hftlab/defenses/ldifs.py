@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..config import choices, rng
+from ..bounds import bounds, one_of
 from ..models.introspect import mlp_modules
 from .base import Context, Defense, batch_pieces, label_count, lm_loss, upcast
 from .perturbation import capture_outputs, local_model
@@ -45,9 +45,9 @@ from .perturbation import capture_outputs, local_model
 
 @dataclass
 class Config:
-    lam: float = field(default=1e-4, metadata=rng(0.0))  # λ (the survey's summary: 1e-4); ρ of git-disl
-    variant: str = field(default="hidden", metadata=choices("hidden", "git-disl"))
-    drop: float = field(default=0.1, metadata=rng(0.0))  # git-disl: a layer's term ≥ drop is left out
+    lam: float = field(default=1e-4, metadata=bounds(0.0))  # λ (the survey's summary: 1e-4); ρ of git-disl
+    variant: str = field(default="hidden", metadata=one_of("hidden", "git-disl"))
+    drop: float = field(default=0.1, metadata=bounds(0.0))  # git-disl: a layer's term ≥ drop is left out
 
 
 def mlp_terms(acts: list[torch.Tensor], ref_acts: list[torch.Tensor], attention_mask: torch.Tensor,

@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..config import choices, rng
+from ..bounds import bounds, one_of
 from .base import Context, Defense, lm_loss, upcast
 
 log = logging.getLogger(__name__)
@@ -53,13 +53,13 @@ ALIGN, FINETUNE = "alignment", "finetune"
 
 @dataclass
 class Config:
-    rho: float = field(default=1.0, metadata=rng(0.0))  # proximal strength ρ (lisa_poison_ratio.sh: RHO=1)
-    schedule: str = field(default="fraction", metadata=choices("fraction", "steps"))
-    cycles: int = field(default=20, metadata=rng(1))  # fraction schedule: cycles per run (paper: 20)
-    alignment_fraction: float = field(default=0.1, metadata=rng(0.0, 1.0))  # of each cycle (paper: 10 %)
-    alignment_step: int = field(default=100, metadata=rng(0))  # steps schedule: per alignment state (0: never)
-    finetune_step: int = field(default=900, metadata=rng(1))  # steps schedule: per fine-tuning state
-    proximal_after: float = field(default=0.1, metadata=rng(0.0, 1.0))  # fraction of steps without proximal
+    rho: float = field(default=1.0, metadata=bounds(0.0))  # proximal strength ρ (lisa_poison_ratio.sh: RHO=1)
+    schedule: str = field(default="fraction", metadata=one_of("fraction", "steps"))
+    cycles: int = field(default=20, metadata=bounds(1))  # fraction schedule: cycles per run (paper: 20)
+    alignment_fraction: float = field(default=0.1, metadata=bounds(0.0, 1.0))  # of each cycle (paper: 10 %)
+    alignment_step: int = field(default=100, metadata=bounds(0))  # steps schedule: per alignment state (0: never)
+    finetune_step: int = field(default=900, metadata=bounds(1))  # steps schedule: per fine-tuning state
+    proximal_after: float = field(default=0.1, metadata=bounds(0.0, 1.0))  # fraction of steps without proximal
 
 
 def planned_state(step: int, total: int, cycles: int, alignment_fraction: float) -> str:

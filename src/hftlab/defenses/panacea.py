@@ -34,16 +34,16 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..config import rng
+from ..bounds import bounds
 from .base import Context, Defense, lm_loss, upcast
 
 
 @dataclass
 class Config:
-    rho: float = field(default=1.0, metadata=rng(0.0))  # ‖ε‖ (eps_rho)
-    lam: float = field(default=0.001, metadata=rng(0.0))  # weight of the harmful-loss increase (lamb)
-    harmful_batch_size: int = field(default=10, metadata=rng(1))
-    clamp: float = field(default=5.0, metadata=rng(0.0))  # h(w + ε) is clamped at this value
+    rho: float = field(default=1.0, metadata=bounds(0.0))  # ‖ε‖ (eps_rho)
+    lam: float = field(default=0.001, metadata=bounds(0.0))  # weight of the harmful-loss increase (lamb)
+    harmful_batch_size: int = field(default=10, metadata=bounds(1))
+    clamp: float = field(default=5.0, metadata=bounds(0.0))  # h(w + ε) is clamped at this value
 
 
 def _grads(loss: torch.Tensor, params: list[nn.Parameter]) -> list[torch.Tensor]:

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..config import rng
+from ..bounds import bounds
 from ..data.format import IGNORE
 from ..models.introspect import final_norm, mlp_modules, unwrap
 from .base import Context, Defense, lm_loss, pieces_of, row_groups, upcast
@@ -49,10 +49,10 @@ from .perturbation import capture_outputs, require
 
 @dataclass
 class Config:
-    alpha: float = field(default=0.1, metadata=rng(0.0, None))  # α, weight of −log(harmful loss + 1)
-    beta: float = field(default=0.001, metadata=rng(0.0, None))  # β, weight of the MMD to noise
-    kernels: int = field(default=5, metadata=rng(1, 20))  # Gaussian kernels of the MMD (reference: 5)
-    kernel_mul: float = field(default=2.0, metadata=rng(1.0, None))  # bandwidth ratio between kernels
+    alpha: float = field(default=0.1, metadata=bounds(0.0, None))  # α, weight of −log(harmful loss + 1)
+    beta: float = field(default=0.001, metadata=bounds(0.0, None))  # β, weight of the MMD to noise
+    kernels: int = field(default=5, metadata=bounds(1, 20))  # Gaussian kernels of the MMD (reference: 5)
+    kernel_mul: float = field(default=2.0, metadata=bounds(1.0, None))  # bandwidth ratio between kernels
 
     def check(self) -> None:
         for key in ("alpha", "beta"):

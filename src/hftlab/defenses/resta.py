@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..config import rng
+from ..bounds import bounds
 from ._weights import plain
 from .base import Context, Defense
 
@@ -41,8 +41,8 @@ def dare(delta: torch.Tensor, p: float, gen: torch.Generator) -> torch.Tensor:
 
 @dataclass
 class Config:
-    gamma: float = field(default=0.5, metadata=rng(0.0, 10.0))  # scale of the safety vector
-    dare_drop: float = field(default=0.0, metadata=rng(0.0, 0.99))  # DARE drop rate p (0 = off)
+    gamma: float = field(default=0.5, metadata=bounds(0.0, 10.0))  # scale of the safety vector
+    dare_drop: float = field(default=0.0, metadata=bounds(0.0, 0.99))  # DARE drop rate p (0 = off)
 
 
 class RESTA(Defense):

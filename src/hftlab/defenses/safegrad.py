@@ -31,16 +31,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import choices, rng
+from ..bounds import bounds, one_of
 from ..data.format import IGNORE
 from .base import Context, Defense, batch_pieces, label_count, lm_loss, upcast
 
 
 @dataclass
 class Config:
-    align_loss: str = field(default="kl", metadata=choices("kl", "sft"))  # abstract: a KL alignment loss
-    align_weight: float = field(default=1.0, metadata=rng(0.0))  # w in g_u + w·g_a
-    batch_size: int = field(default=0, metadata=rng(0))  # alignment rows per micro-batch (0: fine-tuning's)
+    align_loss: str = field(default="kl", metadata=one_of("kl", "sft"))  # abstract: a KL alignment loss
+    align_weight: float = field(default=1.0, metadata=bounds(0.0))  # w in g_u + w·g_a
+    batch_size: int = field(default=0, metadata=bounds(0))  # alignment rows per micro-batch (0: fine-tuning's)
 
 
 def forward_kl(logits: torch.Tensor, ref_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -28,7 +28,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from ..config import rng
+from ..bounds import bounds
 from ..data.example import Example
 from .base import Context, Defense
 
@@ -39,10 +39,10 @@ KINDS = ("refusal", "chat", "task")
 
 @dataclass
 class Config:
-    ratio: float = field(default=0.03, metadata=rng(0.0, 1.0))  # k = max(1, round(ratio·n)) (paper: 3%)
-    n_safety: int = field(default=0, metadata=rng(0))  # if > 0: exactly this many (paper: 100 … 2000)
+    ratio: float = field(default=0.03, metadata=bounds(0.0, 1.0))  # k = max(1, round(ratio·n)) (paper: 3%)
+    n_safety: int = field(default=0, metadata=bounds(0))  # if > 0: exactly this many (paper: 100 … 2000)
     kinds: list[str] = field(default_factory=lambda: ["refusal"])  # alignment-set kinds to draw from
-    seed: int = field(default=0, metadata=rng(0))  # draws the safety subset
+    seed: int = field(default=0, metadata=bounds(0))  # draws the safety subset
 
     def check(self) -> None:
         if self.n_safety == 0 and self.ratio == 0:

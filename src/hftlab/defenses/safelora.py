@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..config import choices, rng
+from ..bounds import bounds, one_of
 from ._weights import plain, set_update, targets, updates
 from .base import Context, Defense
 
@@ -52,10 +52,10 @@ def cosine(c: torch.Tensor, delta: torch.Tensor) -> float:
 
 @dataclass
 class Config:
-    select: str = field(default="number", metadata=choices("number", "threshold"))
-    threshold: float = field(default=0.5, metadata=rng(-1.0, 1.0))  # τ of select="threshold"
-    proj_fraction: float = field(default=10 / 64, metadata=rng(0.0, 1.0))  # N / fine-tuned matrices
-    num_proj_layers: int = field(default=0, metadata=rng(0))  # > 0: N itself (reference default 10)
+    select: str = field(default="number", metadata=one_of("number", "threshold"))
+    threshold: float = field(default=0.5, metadata=bounds(-1.0, 1.0))  # τ of select="threshold"
+    proj_fraction: float = field(default=10 / 64, metadata=bounds(0.0, 1.0))  # N / fine-tuned matrices
+    num_proj_layers: int = field(default=0, metadata=bounds(0))  # > 0: N itself (reference default 10)
 
 
 def layer_cosines(model: nn.Module, aligned: nn.Module, base: nn.Module) -> dict[str, float]:

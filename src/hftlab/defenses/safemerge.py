@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..config import choices, rng
+from ..bounds import bounds, one_of
 from ._weights import finetuned_lora, lora_factors, lora_layers, plain, set_update, targets, updates
 from .base import Context, Defense
 from .safelora import layer_cosines
@@ -56,18 +56,18 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Config:
-    select: str = field(default="threshold", metadata=choices("threshold", "number"))
-    threshold: float = field(default=0.35, metadata=rng(-1.0, 1.0))  # select=threshold: merge where cos < τ
-    fraction: float = field(default=10 / 64, metadata=rng(0.0, 1.0))  # select=number: share of the layers
-    num_layers: int = field(default=0, metadata=rng(0))  # select=number: > 0 sets the count itself
+    select: str = field(default="threshold", metadata=one_of("threshold", "number"))
+    threshold: float = field(default=0.35, metadata=bounds(-1.0, 1.0))  # select=threshold: merge where cos < τ
+    fraction: float = field(default=10 / 64, metadata=bounds(0.0, 1.0))  # select=number: share of the layers
+    num_layers: int = field(default=0, metadata=bounds(0))  # select=number: > 0 sets the count itself
     weights: list[float] = field(default_factory=lambda: [0.8, 0.2])  # [fine-tuned, safety]
-    merge: str = field(default="linear", metadata=choices("linear", "cat"))
-    safety_n: int = field(default=1000, metadata=rng(1))  # refusal samples for the safety adapter
-    safety_epochs: float = field(default=2.0, metadata=rng(0.0))
-    safety_lr: float = field(default=1e-3, metadata=rng(0.0, 10.0))
-    safety_rank: int = field(default=8, metadata=rng(1))
-    safety_alpha: float = field(default=16.0, metadata=rng(0.0))
-    safety_batch_size: int = field(default=16, metadata=rng(1))
+    merge: str = field(default="linear", metadata=one_of("linear", "cat"))
+    safety_n: int = field(default=1000, metadata=bounds(1))  # refusal samples for the safety adapter
+    safety_epochs: float = field(default=2.0, metadata=bounds(0.0))
+    safety_lr: float = field(default=1e-3, metadata=bounds(0.0, 10.0))
+    safety_rank: int = field(default=8, metadata=bounds(1))
+    safety_alpha: float = field(default=16.0, metadata=bounds(0.0))
+    safety_batch_size: int = field(default=16, metadata=bounds(1))
 
     def check(self) -> None:
         if len(self.weights) != 2 or any(not 0.0 <= w <= 1.0 for w in self.weights):

@@ -46,7 +46,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..config import rng
+from ..bounds import bounds
 from ..models.introspect import attention_modules, decoder_layers, unwrap
 from .base import Context, Defense
 from .perturbation import effective_rho, global_norm, local_model, output_grads, require, vaccine_backward
@@ -56,13 +56,13 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Config:
-    rho: float = field(default=3.0, metadata=rng(0.0, None))  # perturbation radius ρ (README: 3)
-    rho_batch: int = field(default=0, metadata=rng(0))  # 0: ρ per micro-batch (reference); B_ref: ρ·√(B/B_ref)
-    layers: int = field(default=8, metadata=rng(1))  # S, sampled layers (paper: 8 of 32)
-    paper_depth: int = field(default=32, metadata=rng(0))  # depth S refers to; 0 = take S as is
-    interval: int = field(default=20, metadata=rng(1))  # J, steps between samplings
-    score_interval: int = field(default=200, metadata=rng(1))  # K, steps between layer scorings
-    score_batch_size: int = field(default=1, metadata=rng(1))  # harmful samples per scoring (reference: 1)
+    rho: float = field(default=3.0, metadata=bounds(0.0, None))  # perturbation radius ρ (README: 3)
+    rho_batch: int = field(default=0, metadata=bounds(0))  # 0: ρ per micro-batch (reference); B_ref: ρ·√(B/B_ref)
+    layers: int = field(default=8, metadata=bounds(1))  # S, sampled layers (paper: 8 of 32)
+    paper_depth: int = field(default=32, metadata=bounds(0))  # depth S refers to; 0 = take S as is
+    interval: int = field(default=20, metadata=bounds(1))  # J, steps between samplings
+    score_interval: int = field(default=200, metadata=bounds(1))  # K, steps between layer scorings
+    score_batch_size: int = field(default=1, metadata=bounds(1))  # harmful samples per scoring (reference: 1)
     checkpoint_frozen: bool = True  # gradient checkpointing on the non-sampled layers (reference)
 
     def check(self) -> None:

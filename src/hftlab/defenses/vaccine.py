@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..config import rng
+from ..bounds import bounds
 from ..models.introspect import attention_modules
 from .base import Context, Defense
 from .perturbation import effective_rho, vaccine_backward
@@ -40,8 +40,8 @@ from .perturbation import effective_rho, vaccine_backward
 
 @dataclass
 class Config:
-    rho: float = field(default=2.0, metadata=rng(0.0, None))  # perturbation radius ρ (paper: 2)
-    rho_batch: int = field(default=0, metadata=rng(0))  # 0: ρ per micro-batch (reference); B_ref: ρ·√(B/B_ref)
+    rho: float = field(default=2.0, metadata=bounds(0.0, None))  # perturbation radius ρ (paper: 2)
+    rho_batch: int = field(default=0, metadata=bounds(0))  # 0: ρ per micro-batch (reference); B_ref: ρ·√(B/B_ref)
 
     def check(self) -> None:
         if self.rho < 0:
