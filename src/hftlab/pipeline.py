@@ -257,11 +257,10 @@ class Pipeline:
             ctx = Context(stage="repair", accelerator=_accelerator(), formatter=self.formatter(cfg.finetune.max_length),
                           seed=cfg.seed, data=self._needs(self.defense, "repair"),
                           loaders={"aligned": lambda: self.load(aligned), "base": lambda: self.load(self.base_path)},
-                          batch_size=cfg.finetune.batch_size)
-            ctx.state["finetuned_path"] = str(finetuned)
+                          batch_size=cfg.finetune.batch_size, finetuned_path=str(finetuned))
             model = self.defense.repair(model, ctx)
             self._save(model, folder)
-            return dict(ctx.state.get("repair_metrics", {}))
+            return dict(ctx.repair_metrics)
 
         self._timed("repair", folder, work)
         return folder

@@ -7,14 +7,14 @@ import json
 import math
 import re
 import statistics
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import pytest
 
 from hftlab import registry, store
-from hftlab.agreement import (COLUMNS, bootstrap_tau, choose_columns, compare_table, kendall_tau_b,
-                              load_published, mirror_tables, sign_agreement)
+from hftlab.agreement import (COLUMNS, bootstrap_tau, choose_columns, compare_table, is_default_condition,
+                              kendall_tau_b, load_published, mirror_tables, sign_agreement)
 
 PUBLISHED = Path(__file__).resolve().parents[2] / "docs" / "published" / "results.csv"
 
@@ -116,6 +116,13 @@ def test_published_cells_reproduce_the_printed_averages():
                                     "vaccine": (30.03, 93.31), "booster": (7.03, 94.19)},
         ("2402.01109", "Table 1"): {"Non-Aligned": (67.52, 94.64), "sft": (53.24, 94.40), "ewc": (50.60, 86.32),
                                     "Vlguard": (None, 94.68), "kl": (54.76, None), "vaccine": (46.44, 93.4)},
+        # Lisa: Tables 3 and 4 average over ratios / sample numbers, Table 5 over models, Table 6 over tasks
+        ("2405.18641", "Table 3"): {"sft": (48.28, 95.32), "ewc": (42.94, 18.23), "vaccine": (46.86, 94.47),
+                                    "lisa": (39.58, 94.75)},
+        ("2405.18641", "Table 4"): {"sft": (50.14, 95.23), "ewc": (41.18, 12.96), "vaccine": (46.84, 94.06),
+                                    "lisa": (36.48, 93.59)},
+        ("2405.18641", "Table 5"): {"sft": (51.00, 17.67), "vaccine": (47.37, 11.57), "lisa": (36.17, 16.10)},
+        ("2405.18641", "Table 6"): {"sft": (47.25, 63.94), "vaccine": (42.25, 46.76), "lisa": (37.53, 63.74)},
     }
     cells = defaultdict(list)
     for r in load_published(PUBLISHED):
@@ -128,6 +135,18 @@ def test_published_cells_reproduce_the_printed_averages():
                 assert statistics.mean(r.hs for r in rs) == pytest.approx(hs, abs=0.006), (paper, table, method)
             if fa is not None:
                 assert statistics.mean(r.fa for r in rs) == pytest.approx(fa, abs=0.006), (paper, table, method)
+
+
+def test_mirrored_published_cells_are_unique():
+    """mirror_tables keeps one (HS, FA) per method and ratio of a table: two rows for the same mirrored cell
+    would silently overwrite each other."""
+    rows = load_published(PUBLISHED)
+    tables, _ = mirror_tables(rows, registry.names("defense"))
+    mirrored = {(t.arxiv_id, t.table, t.model, t.task, t.n) for t in tables}
+    seen = Counter((r.arxiv_id, r.table, r.model, r.task, r.n, r.method, r.p) for r in rows
+                   if (r.arxiv_id, r.table, r.model, r.task, r.n) in mirrored and is_default_condition(r.condition))
+    assert [k for k, n in seen.items() if n > 1] == []
+    assert len(tables) >= 16  # Booster 4, Vaccine 1, Antidote 2, Lisa 9 (one per model / task / default n)
 
 
 def _write_csv(path: Path, rows: list[dict]) -> Path:

@@ -8,7 +8,7 @@ read and written in ``(out, in)`` orientation whatever the module stores, in flo
 The fine-tuning update of a target is ΔW = W_finetuned − W_aligned; for a merged LoRA fine-tune it is
 exactly the adapter's s·B·A. :func:`plain` merges a PEFT model first, so every method sees one layout.
 Methods defined on the LoRA factors themselves get them from :func:`finetuned_lora`: the PEFT model given,
-or the adapter the fine-tune stage saved next to the merged model (``<finetuned_path>/adapter``).
+or the adapter the fine-tune stage saved next to the merged model (``<ctx.finetuned_path>/adapter``).
 """
 from __future__ import annotations
 
@@ -126,8 +126,8 @@ def finetuned_lora(model: nn.Module, ctx: Any) -> nn.Module | None:
 
     if isinstance(model, PeftModel):
         return model
-    folder = Path(ctx.state.get("finetuned_path") or "") / "adapter"
-    if not ctx.state.get("finetuned_path") or not (folder / "adapter_config.json").is_file():
+    folder = Path(ctx.finetuned_path) / "adapter"
+    if not ctx.finetuned_path or not (folder / "adapter_config.json").is_file():
         return None
     with peft_wrapping():  # without the FutureWarning peft causes in transformers 5
         peft = PeftModel.from_pretrained(copy.deepcopy(ctx.reference("aligned")), str(folder))

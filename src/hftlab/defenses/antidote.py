@@ -131,9 +131,9 @@ class Antidote(Defense):
                 log.info("antidote: no LoRA adapter for this model: pruning its merged update instead")
             model, mode = plain(model), "update"
             pruned, total, layers = self._prune_update(model, ctx)
-        ctx.state["repair_metrics"] = {"mode": mode, "pruned": pruned, "pruned_fraction": pruned / max(total, 1),
-                                       "matrices": layers,
-                                       "calib_samples": min(len(ctx.data["harmful"]), self.cfg.calib_n)}
+        ctx.repair_metrics = {"mode": mode, "pruned": pruned, "pruned_fraction": pruned / max(total, 1),
+                              "matrices": layers,
+                              "calib_samples": min(len(ctx.data["harmful"]), self.cfg.calib_n)}
         log.info("antidote (%s): zeroed %d of %d weights in %d matrices", mode, pruned, total, layers)
         return model
 

@@ -42,6 +42,10 @@ class Context:
     loaders: dict[str, Callable[[], nn.Module]] = field(default_factory=dict)  # "aligned", "base"
     batch_size: int = 0
     state: dict[str, Any] = field(default_factory=dict)  # a defense's own scratch space
+    # the repair stage's contract: the pipeline gives the fine-tune stage's folder (its LoRA adapter, if
+    # any, is ``<finetuned_path>/adapter``); the defense gives its metrics for the stage's manifest
+    finetuned_path: str = ""
+    repair_metrics: dict[str, Any] = field(default_factory=dict)
     # scalars a defense reports for the current optimiser step (tensors may stay on the device); the loop
     # writes them next to the loss in ``losses.jsonl`` and clears them after each step
     step_metrics: dict[str, Any] = field(default_factory=dict)

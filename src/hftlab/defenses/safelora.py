@@ -97,7 +97,7 @@ class SafeLoRA(Defense):
                     set_update(t, ref, projection(ref.read() - base_t[t.name].read()) @ d)
                     projected.append(t.name)
         vals = list(cosines.values())
-        ctx.state["repair_metrics"] = {
+        ctx.repair_metrics = {
             "projected_layers": len(projected), "layers": len(cosines),
             "cos_threshold": tau if math.isfinite(tau) else None,
             "min_cos": min(vals, default=None), "mean_cos": sum(vals) / len(vals) if vals else None,

@@ -147,7 +147,7 @@ class SafeMERGE(Defense):
                     new = (linear_merge(ft[t.name], safe[t.name], self.cfg.weights) if linear
                            else w_ft * d + w_safe * safe_delta.get(t.name, torch.zeros_like(d)))
                     set_update(t, ref, new)
-        ctx.state["repair_metrics"] = {"merged_layers": len(below), "layers": len(cosines), "merged": below,
+        ctx.repair_metrics = {"merged_layers": len(below), "layers": len(cosines), "merged": below,
                                        "merge": ("linear" if linear else "cat") if below else None,
                                        "min_cos": min(cosines.values(), default=None),
                                        "safety_adapter": ctx.state.get("safety_adapter")}
