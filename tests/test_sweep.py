@@ -60,10 +60,10 @@ def test_report_never_averages_different_experiments():
 
     rows = [row("sft", {}, 0.002, s, 70.0) for s in (0, 1)] + [row("sft", {}, 0.02, 0, 0.0)]
     rows += [row("vaccine", {"rho": 2.0}, 0.002, s, 60.0) for s in (0, 1)]
-    rows += [row("booster", {"lamb": 5.0, "perturb_aware": pa}, 0.002, 0, 90.0) for pa in (False, True)]
+    rows += [row("booster", {"lam": 5.0, "perturb_aware": pa}, 0.002, 0, 90.0) for pa in (False, True)]
     by = auto_groups(rows)
     assert "finetune.lr" in by and "defense.perturb_aware" in by
-    assert not {"seed", "defense.rho", "defense.lamb", "finetune.lora_targets"} & set(by)
+    assert not {"seed", "defense.rho", "defense.lam", "finetune.lora_targets"} & set(by)
     header, body = summarise(rows, by=by)
     sft = [b for b in body if b[header.index("defense")] == "sft"]
     assert sorted((b[header.index("finetune.lr")], b[-1]) for b in sft) == [("0.002", "2"), ("0.02", "1")]

@@ -8,6 +8,7 @@ and its origin. Plugins with parameters (defenses, attacks) declare a ``Config``
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import types
 import typing
@@ -468,6 +469,10 @@ def preset_params(defense: str, origin: str) -> dict[str, Any]:
             if k.startswith("defense.") and k != "defense.name"}
 
 
+# plugin parameters renamed for one name per concept (λ was ``lamb`` in some plugins): old name -> new name
+RENAMED_PARAMS = {"lamb": "lam"}
+
+
 def plugin_params(name: str, raw: dict[str, Any], kind: str = "defense") -> dict[str, Any]:
     """Validate ``defense.*`` (or ``attack.*``) keys against the plugin's Config dataclass; returns every
     parameter's plain value, the defaults included, so that stage and run hashes change when a default does."""
@@ -479,6 +484,10 @@ def plugin_params(name: str, raw: dict[str, Any], kind: str = "defense") -> dict
     known = {f.name: f for f in dataclasses.fields(schema)} if schema else {}
     for k, v in raw.items():
         value, origin = (v.value, v.origin) if isinstance(v, _Origin) else (v, "config")
+        if k not in known and RENAMED_PARAMS.get(k) in known:  # an old name: still accepted, with a warning
+            logging.getLogger(__name__).warning("%s.%s is deprecated: use %s.%s (%s)", kind, k, kind,
+                                                RENAMED_PARAMS[k], origin)
+            k = RENAMED_PARAMS[k]
         if k not in known:
             raise ConfigError(
                 f"{kind}.{k}: unknown parameter for {kind} '{name}' "

@@ -29,8 +29,8 @@ def test_booster_is_the_papers_setting():
         assert stage.lora_targets == ["q_proj", "k_proj", "v_proj"]
         assert (stage.lr, stage.epochs, stage.batch_size) == (lr, 20.0, 10)
     assert cfg.defense.name == "booster"
-    assert {k: cfg.defense.params[k] for k in ("lamb", "alpha", "harmful_batch_size")} == {
-        "lamb": 5.0, "alpha": 0.1, "harmful_batch_size": 10}
+    assert {k: cfg.defense.params[k] for k in ("lam", "alpha", "harmful_batch_size")} == {
+        "lam": 5.0, "alpha": 0.1, "harmful_batch_size": 10}
     assert (cfg.eval.judge, cfg.eval.n_harmful) == ("beaver-dam", 1000)
 
 

@@ -63,7 +63,7 @@ def test_merged_model_prunes_the_update(organism_tokenizer):
         assert torch.allclose(got[k], w, atol=1e-6), k
     for k in set(got) - set(want):  # weights fine-tuning did not change stay as they were
         assert torch.equal(got[k], wa[k]), k
-    assert ctx.state["repair_metrics"]["mode"] == "update" and ctx.state["repair_metrics"]["matrices"] == 6
+    assert ctx.repair_metrics["mode"] == "update" and ctx.repair_metrics["matrices"] == 6
 
 
 def test_peft_model_prunes_the_lora_factors(organism_tokenizer):
@@ -84,7 +84,7 @@ def test_peft_model_prunes_the_lora_factors(organism_tokenizer):
     for name, (a, b) in lora.items():  # W = W_aligned + s·B'·A' with the pruned factors (s = 8 / 4)
         k = name.replace("base_model.model.", "") + ".weight"
         assert torch.allclose(got[k], wa[k] + 2.0 * b.weight.detach() @ a.weight.detach(), atol=1e-6), k
-    assert ctx.state["repair_metrics"]["mode"] == "adapter" and ctx.state["repair_metrics"]["matrices"] == 12
+    assert ctx.repair_metrics["mode"] == "adapter" and ctx.repair_metrics["matrices"] == 12
 
 
 def test_merged_model_uses_the_saved_adapter(tmp_path, organism_tokenizer):
@@ -95,17 +95,17 @@ def test_merged_model_uses_the_saved_adapter(tmp_path, organism_tokenizer):
     ft.save_pretrained(tmp_path / "adapter")
     want = linear_weights(Antidote().repair(copy.deepcopy(ft), repair_ctx(tok, base, aligned)))
     ctx = repair_ctx(tok, base, aligned)
-    ctx.state["finetuned_path"] = str(tmp_path)
+    ctx.finetuned_path = str(tmp_path)
     got = linear_weights(Antidote().repair(model, ctx))
-    assert ctx.state["repair_metrics"]["mode"] == "adapter"
+    assert ctx.repair_metrics["mode"] == "adapter"
     assert all(torch.allclose(got[k], want[k], atol=1e-6) for k in want)
     ctx = repair_ctx(tok, base, perturbed(aligned, 0.01, seed=5))  # an adapter that does not reproduce the model
-    ctx.state["finetuned_path"] = str(tmp_path)
+    ctx.finetuned_path = str(tmp_path)
     Antidote().repair(as_merged(ft), ctx)
-    assert ctx.state["repair_metrics"]["mode"] == "update"
+    assert ctx.repair_metrics["mode"] == "update"
     ctx = repair_ctx(tok, base, aligned)
     Antidote(weights="update").repair(copy.deepcopy(ft), ctx)
-    assert ctx.state["repair_metrics"]["mode"] == "update"
+    assert ctx.repair_metrics["mode"] == "update"
 
 
 def test_second_architecture_gpt2(organism_tokenizer):

@@ -236,14 +236,14 @@ def test_guardrail_stage_in_the_pipeline(shared_out, capsys):
     ("attack.encoded_benign=2", "attack.encoded_benign"),
     ("attack.position=middle", "attack.position"),
     ("attack.pool=0", "attack.pool"),
-    ("attack.lamb=2", "attack.lamb"),
+    ("attack.lam=2", "attack.lam"),
     ("attack.nope=1", "attack.nope"),
     ("guardrail.name=nope", "guardrail.name"),
     ("guardrail.threshold=1.5", "guardrail.threshold"),
 ])
 def test_bad_parameters_are_one_line_errors(override, key, capsys):
     name = {"attack.encoded_benign": "cipher", "attack.position": "backdoor-trigger",
-            "attack.pool": "benign-select", "attack.lamb": "virus"}.get(key, "cipher")
+            "attack.pool": "benign-select", "attack.lam": "virus"}.get(key, "cipher")
     with pytest.raises(ConfigError) as err:
         load_config(overrides=[f"attack={name}", override])
     assert str(err.value).startswith(key) and "\n" not in str(err.value)

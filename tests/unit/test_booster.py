@@ -36,7 +36,7 @@ def _recording(ctx):
     return seen
 
 
-def booster_direct(model, b, hb, lamb, alpha, f_grads=None):
+def booster_direct(model, b, hb, lam, alpha, f_grads=None):
     """The formula on copies of the model: ∇f + λ(∇h(w) − ∇h(w − α∇h/‖∇h‖))."""
     gf = f_grads if f_grads is not None else param_grads(model, lambda m: loss_of(m, b))
     gh = param_grads(model, lambda m: loss_of(m, hb))
@@ -47,22 +47,22 @@ def booster_direct(model, b, hb, lamb, alpha, f_grads=None):
             if n in gh:
                 p -= alpha * gh[n] / norm
     gh2 = param_grads(moved, lambda m: loss_of(m, hb))
-    return {n: gf[n] + lamb * (gh[n] - gh2[n]) for n in gf}
+    return {n: gf[n] + lam * (gh[n] - gh2[n]) for n in gf}
 
 
-@pytest.mark.parametrize("lamb, alpha", [(5.0, 0.1), (1.0, 0.5)])
-def test_update_matches_the_formula(organism, fmt, lamb, alpha):
+@pytest.mark.parametrize("lam, alpha", [(5.0, 0.1), (1.0, 0.5)])
+def test_update_matches_the_formula(organism, fmt, lam, alpha):
     b = batch(fmt)
     ctx = make_ctx(fmt)
     seen = _recording(ctx)
     before = {n: p.detach().clone() for n, p in organism.named_parameters()}
-    d = Booster(lamb=lamb, alpha=alpha)
+    d = Booster(lam=lam, alpha=alpha)
     d.setup(organism, ctx)
     loss = d.backward(organism, b, ctx)
     assert len(seen) == 1
     assert all(torch.equal(before[n], p) for n, p in organism.named_parameters()), "weights not restored"
     torch.testing.assert_close(loss, loss_of(organism, b).detach())
-    want = booster_direct(organism, b, seen[0], lamb, alpha)
+    want = booster_direct(organism, b, seen[0], lam, alpha)
     assert_grads_close(grads(organism), want)
 
 
@@ -131,7 +131,7 @@ def test_second_architecture(organism_tokenizer, lora):
     second_arch_trains(Booster(perturb_aware=lora), organism_tokenizer, lora)
 
 
-@pytest.mark.parametrize("key, value", [("lamb", -1), ("alpha", -0.1), ("rho", -2), ("perturb_aware", 3),
+@pytest.mark.parametrize("key, value", [("lam", -1), ("alpha", -0.1), ("rho", -2), ("perturb_aware", 3),
                                         ("harmful_batch_size", -1)])
 def test_bad_parameters_are_config_errors(key, value):
     with pytest.raises(ConfigError, match=f"defense.{key}"):
@@ -140,5 +140,5 @@ def test_bad_parameters_are_config_errors(key, value):
 
 def test_paper_defaults_file():
     cfg = load_config([CONFIGS / "booster.yaml"])
-    assert cfg.defense.params == {"lamb": 5.0, "alpha": 0.1, "perturb_aware": False, "rho": 5.0,
+    assert cfg.defense.params == {"lam": 5.0, "alpha": 0.1, "perturb_aware": False, "rho": 5.0,
                                  "harmful_batch_size": 10}

@@ -27,8 +27,8 @@ def test_defense_params_hold_every_default(monkeypatch):
     from hftlab.config import to_dict
     from hftlab.defenses import booster
 
-    cfg = load_config(overrides=["defense=booster", "defense.lamb=1"])
-    assert cfg.defense.params == {"lamb": 1.0, "alpha": 0.1, "perturb_aware": False, "rho": 5.0,
+    cfg = load_config(overrides=["defense=booster", "defense.lam=1"])
+    assert cfg.defense.params == {"lam": 1.0, "alpha": 0.1, "perturb_aware": False, "rho": 5.0,
                                   "harmful_batch_size": 10}
     before = to_dict(cfg)
 
@@ -37,8 +37,18 @@ def test_defense_params_hold_every_default(monkeypatch):
         harmful_batch_size: int = 32
 
     monkeypatch.setattr(booster.Booster, "Config", NewDefault)
-    after = to_dict(load_config(overrides=["defense=booster", "defense.lamb=1"]))
+    after = to_dict(load_config(overrides=["defense=booster", "defense.lam=1"]))
     assert after["defense"]["params"]["harmful_batch_size"] == 32 and after != before
+
+
+def test_renamed_parameter_is_accepted_with_a_warning(caplog):
+    """λ was ``lamb`` in Booster and the virus attack: the old key still sets ``lam``, with one warning."""
+    cfg = load_config(overrides=["defense=booster", "defense.lamb=2"])
+    assert cfg.defense.params["lam"] == 2.0 and "lamb" not in cfg.defense.params
+    assert [r.getMessage() for r in caplog.records if "deprecated" in r.getMessage()] == [
+        "defense.lamb is deprecated: use defense.lam (command line)"]
+    with pytest.raises(ConfigError, match="defense.lamb: unknown parameter"):  # only where the new name exists
+        load_config(overrides=["defense=vaccine", "defense.lamb=2"])
 
 
 def test_yaml_file_and_override_precedence(tmp_path):

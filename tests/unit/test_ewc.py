@@ -132,7 +132,7 @@ def test_gradient_accumulation(organism, fmt):
 
 @pytest.mark.parametrize("override, words", [
     ("defense.lam=-1", "lam"), ("defense.fisher_samples=0", "fisher_samples"),
-    ("defense.fisher_batch_size=0", "fisher_batch_size"), ("defense.lamb=1", "unknown parameter"),
+    ("defense.fisher_batch_size=0", "fisher_batch_size"), ("defense.lambda=1", "unknown parameter"),
 ])
 def test_bad_parameters_are_config_errors(override, words):
     with pytest.raises(ConfigError, match=words):

@@ -56,7 +56,7 @@ def test_threshold_mode(peft, organism_tokenizer):
     ctx = repair_ctx(tok, base, aligned)
     out = SafeLoRA(select="threshold", threshold=tau).repair(ft if peft else merged_ft, ctx)
     check(linear_weights(out), proj, keep, {k for k, c in cos.items() if c <= tau})
-    m = ctx.state["repair_metrics"]
+    m = ctx.repair_metrics
     assert (m["projected_layers"], m["layers"]) == (3, 6)
 
 
@@ -68,7 +68,7 @@ def test_number_mode_projects_the_n_lowest(organism_tokenizer):
     ctx = repair_ctx(tok, base, aligned)
     got = linear_weights(SafeLoRA(num_proj_layers=2).repair(copy.deepcopy(merged_ft), ctx))
     check(got, proj, keep, set(sorted(cos, key=cos.get)[:2]))
-    assert ctx.state["repair_metrics"]["projected_layers"] == 2
+    assert ctx.repair_metrics["projected_layers"] == 2
     ctx = repair_ctx(tok, base, aligned)  # the default scales N: 10/64 of the 6 q/k/v matrices -> 1
     got = linear_weights(SafeLoRA().repair(copy.deepcopy(merged_ft), ctx))
     check(got, proj, keep, {min(cos, key=cos.get)})
@@ -80,7 +80,7 @@ def test_second_architecture_qwen2(organism_tokenizer):
     cos, proj, keep = direct(base, aligned, as_merged(ft))
     ctx = repair_ctx(tok, base, aligned)
     got = linear_weights(SafeLoRA(select="threshold", threshold=0.99).repair(ft, ctx))
-    assert ctx.state["repair_metrics"]["layers"] == 6  # q, k, v of 2 layers
+    assert ctx.repair_metrics["layers"] == 6  # q, k, v of 2 layers
     check(got, proj, keep, {k for k, c in cos.items() if c <= 0.99})
 
 

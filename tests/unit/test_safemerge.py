@@ -62,7 +62,7 @@ def test_merges_only_layers_below_the_threshold(given, make, monkeypatch, tmp_pa
     ctx = repair_ctx(tok, base, aligned)
     if given == "merged+adapter":  # as the fine-tune stage saves it
         ft.save_pretrained(tmp_path / "adapter")
-        ctx.state["finetuned_path"] = str(tmp_path)
+        ctx.finetuned_path = str(tmp_path)
     peft = given != "merged"
     got = linear_weights(SafeMERGE(threshold=tau).repair(ft if given == "peft" else merged_ft, ctx))
     for k, c in cos.items():
@@ -78,7 +78,7 @@ def test_merges_only_layers_below_the_threshold(given, make, monkeypatch, tmp_pa
         assert torch.allclose(got[k], want, atol=1e-5), k
     for k in set(got) - set(cos):
         assert torch.equal(got[k], wf[k])
-    m = ctx.state["repair_metrics"]
+    m = ctx.repair_metrics
     assert m["merged_layers"] == 3 and m["merge"] == ("linear" if peft else "cat")
 
 

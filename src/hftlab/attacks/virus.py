@@ -57,8 +57,8 @@ class Objective:
     """F(x) of one sample on ``model`` (victim) and ``guard``; both read the same token layout."""
 
     def __init__(self, model: torch.nn.Module, guard: Any, sample: Sample, adv0: Sequence[int],
-                 targets: Sequence[str], lamb: float):
-        self.model, self.guard, self.sample, self.lamb = model, guard, sample, lamb
+                 targets: Sequence[str], lam: float):
+        self.model, self.guard, self.sample, self.lam = model, guard, sample, lam
         self.params = [p for n, p in model.named_parameters() if any(t in n for t in targets)]
         if not self.params:
             raise ValueError(f"targets: no weight of the model matches {list(targets)}")
@@ -95,7 +95,7 @@ class Objective:
         sim = float(self.similarity(self.weight_grad(adv)))
         with torch.no_grad():
             g = float(self.guard_loss(adv))
-        return (1 - self.lamb) * sim + self.lamb * g, sim, g
+        return (1 - self.lam) * sim + self.lam * g, sim, g
 
     def onehot_grad(self, adv: Sequence[int], vocab: int) -> torch.Tensor:
         """∂F/∂onehot(x); second order through ∇_w L (attention in the math kernel, which has one)."""
@@ -103,8 +103,8 @@ class Objective:
 
         onehot = torch.nn.functional.one_hot(torch.tensor(adv), vocab).float().requires_grad_(True)
         with sdpa_kernel(SDPBackend.MATH):
-            total = (1 - self.lamb) * self.similarity(self.weight_grad(adv, onehot)) \
-                + self.lamb * self.guard_loss(adv, onehot)
+            total = (1 - self.lam) * self.similarity(self.weight_grad(adv, onehot)) \
+                + self.lam * self.guard_loss(adv, onehot)
             (grad,) = torch.autograd.grad(total, onehot)
         return grad
 
@@ -137,15 +137,15 @@ class Virus(Attack):
 
     @dataclass
     class Config:
-        lamb: float = field(default=0.1, metadata=bounds(0.0, 1.0))
+        lam: float = field(default=0.1, metadata=bounds(0.0, 1.0))
         steps: int = field(default=5, metadata=bounds(0))
         topk: int = field(default=16, metadata=bounds(1))
         batch: int = field(default=8, metadata=bounds(1))
         targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj"])
 
         def check(self) -> None:
-            if not 0.0 <= self.lamb <= 1.0:
-                raise ValueError(f"lamb: {self.lamb} is out of range (must be in [0, 1])")
+            if not 0.0 <= self.lam <= 1.0:
+                raise ValueError(f"lam: {self.lam} is out of range (must be in [0, 1])")
             if not self.targets:
                 raise ValueError("targets: must name at least one weight")
 
@@ -193,7 +193,7 @@ class Virus(Attack):
         sample = Sample(fmt.prompt_ids(benign.prompt, benign.system), fmt.ids(" " + benign.response)
                         + [fmt.tok.eos_token_id])
         adv0 = fmt.ids(f"{harmful.prompt} {harmful.response}")
-        obj = Objective(model, guard, sample, adv0, p.targets, p.lamb)
+        obj = Objective(model, guard, sample, adv0, p.targets, p.lam)
         adv, hist = optimise(obj, adv0, allowed, p.steps, p.topk, p.batch, seed)
         log.debug("virus: F %.4f -> %.4f", hist[0], hist[-1])
         text = fmt.tok.decode(adv, skip_special_tokens=True)

@@ -61,14 +61,14 @@ from .perturbation import EPS, global_norm, local_model, require, vaccine_backwa
 
 @dataclass
 class Config:
-    lamb: float = field(default=5.0, metadata=bounds(0.0, None))  # λ, weight of the harmful-loss reduction
+    lam: float = field(default=5.0, metadata=bounds(0.0, None))  # λ, weight of the harmful-loss reduction
     alpha: float = field(default=0.1, metadata=bounds(0.0, None))  # α, step of the simulated harmful update
     perturb_aware: bool = False  # Booster+Vaccine: ∇f under Vaccine's perturbation
     rho: float = field(default=5.0, metadata=bounds(0.0, None))  # Vaccine's ρ when perturb_aware (paper: 5)
     harmful_batch_size: int = field(default=10, metadata=bounds(0, None))  # reference: 10; 0 = alignment batch
 
     def check(self) -> None:
-        for key in ("lamb", "alpha", "rho"):
+        for key in ("lam", "alpha", "rho"):
             if getattr(self, key) < 0:
                 raise ValueError(f"{key}: {getattr(self, key)} < 0; must be >= 0")
 
@@ -127,7 +127,7 @@ class Booster(Defense):
         ctx.step_metrics.update(diagnostics)  # logged per step in losses.jsonl
         with torch.no_grad():
             for gi, gp in zip(g, g_pert):  # λ·(∇h(w) − ∇h(w')), in place to save memory
-                gi.sub_(gp).mul_(cfg.lamb)
+                gi.sub_(gp).mul_(cfg.lam)
         del g_pert
         if cfg.perturb_aware:  # ∇f under Vaccine's perturbation, the λ-term in the same backward
             return vaccine_backward(model, batch, ctx, self.modules, cfg.rho, extra=linear_term(self.params, g))

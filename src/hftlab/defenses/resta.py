@@ -70,6 +70,6 @@ class RESTA(Defense):
                 moved += int(torch.count_nonzero(vec))
         vec_norm = sum(float((aligned[n].float() - base[n].float()).norm() ** 2) for n in aligned) ** 0.5
         ctx.repair_metrics = {"gamma": self.cfg.gamma, "dare_drop": self.cfg.dare_drop,
-                                       "safety_vector_norm": vec_norm, "changed_weights": moved}
+                              "safety_vector_norm": vec_norm, "changed_weights": moved}
         log.info("resta: added %.3g x safety vector (norm %.4g)", self.cfg.gamma, vec_norm)
         return model

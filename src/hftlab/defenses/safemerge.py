@@ -148,9 +148,9 @@ class SafeMERGE(Defense):
                            else w_ft * d + w_safe * safe_delta.get(t.name, torch.zeros_like(d)))
                     set_update(t, ref, new)
         ctx.repair_metrics = {"merged_layers": len(below), "layers": len(cosines), "merged": below,
-                                       "merge": ("linear" if linear else "cat") if below else None,
-                                       "min_cos": min(cosines.values(), default=None),
-                                       "safety_adapter": ctx.state.get("safety_adapter")}
+                              "merge": ("linear" if linear else "cat") if below else None,
+                              "min_cos": min(cosines.values(), default=None),
+                              "safety_adapter": ctx.state.get("safety_adapter")}
         log.info("safemerge: merged %d of %d layers (%s)", len(below), len(cosines), self.cfg.select)
         return model
 
