@@ -63,6 +63,8 @@ ENTRIES: list[Entry] = [
        "AsFT: Anchoring Safety During LLM Fine-Tuning Within Narrow Safety Basin, arXiv 2506.08473"),
     _E("defense", "safegrad", "defenses.safegrad:SafeGrad", "finetune",
        "SafeGrad: Gradient Surgery for Safe LLM Fine-Tuning, arXiv 2508.07172"),
+    _E("defense", "salora", "defenses.salora:SaLoRA", "finetune",
+       "SaLoRA: Safety-Alignment Preserved Low-Rank Adaptation, arXiv 2501.01765"),
     # -- post-fine-tuning defenses --
     _E("defense", "safelora", "defenses.safelora:SafeLoRA", "repair",
        "Safe LoRA: the Silver Lining of Reducing Safety Risks when Fine-tuning LLMs, arXiv 2405.16833"),
