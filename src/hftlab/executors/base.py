@@ -1,7 +1,7 @@
 """What every executor shares: the dependency-ordered scheduler and the remote cell entry point.
 
 An executor turns a cell into a :class:`concurrent.futures.Future` whose result is the cell's run id
-(or whose exception is a :class:`~hftlab.sweep.CellError`). :meth:`Executor.run` schedules the cells
+(or whose exception is a :class:`~hftlab.cell.CellError`). :meth:`Executor.run` schedules the cells
 the same way on every backend: one leader per alignment group first (longest alignments first), each
 group's other cells as soon as its leader ends, so every alignment is computed once.
 """
@@ -12,16 +12,19 @@ import os
 import sys
 import warnings
 from concurrent.futures import FIRST_COMPLETED, Future, wait
-from typing import TYPE_CHECKING, Any, Callable, ContextManager, Sequence
+from typing import Any, Callable, ContextManager, Sequence
 
 from tqdm.auto import tqdm
 
-if TYPE_CHECKING:
-    from ..sweep import Cell
+from ..cell import Cell, CellError, acts_in_align, run_cell
 
 log = logging.getLogger(__name__)
 
-Submit = Callable[["Cell", Sequence[str]], Future]
+Submit = Callable[[Cell, Sequence[str]], Future]
+# Leaders run in this order: alignment-stage defenses first (the long ones, longest first), then the rest.
+ALIGN_FIRST = ("booster", "repnoise", "vaccine", "t-vaccine")
+# The workers' environment (they start on demand, so ours holds it while the pool lives).
+WORKER_ENV = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "TQDM_DISABLE": "1"}
 # Variables a remote worker needs from the driver: where the organism and the hub cache live, offline
 # mode, the device choice, and the trackers' settings.
 FORWARD_PREFIXES = ("HFTLAB_", "HF_", "ACCELERATE_", "WANDB_", "MLFLOW_", "CUDA_VISIBLE", "TOKENIZERS_")
@@ -35,20 +38,18 @@ class Executor:
     def open(self, jobs: int) -> ContextManager[Submit]:
         raise NotImplementedError
 
-    def run(self, groups: Sequence[Sequence["Cell"]], files: Sequence[str], jobs: int,
+    def run(self, groups: Sequence[Sequence[Cell]], files: Sequence[str], jobs: int,
             desc: str) -> list[str]:
         """Run every group (leader first, then its followers); return the failures' messages."""
-        from ..sweep import _failure, _priority
-
         failures: list[str] = []
         with self.open(jobs) as submit, tqdm(total=sum(map(len, groups)), desc=desc, dynamic_ncols=True) as bar:
-            leaders_first = sorted(groups, key=lambda g: _priority(g[0]))
+            leaders_first = sorted(groups, key=lambda g: priority(g[0]))
             running = {submit(g[0], files): (g[0], list(g[1:])) for g in leaders_first}
             while running:
                 done, _ = wait(running, return_when=FIRST_COMPLETED)
                 for fut in done:
                     cell, followers = running.pop(fut)
-                    error = _failure(fut, cell)
+                    error = failure(fut, cell)
                     if error:
                         failures.append(error)
                         log.error("%s", error)
@@ -57,11 +58,28 @@ class Executor:
         return failures
 
 
+def priority(cell: Cell) -> tuple[int, int]:
+    """Sort key of a group's leader: alignment-stage defenses first, in ``ALIGN_FIRST`` order."""
+    name = cell.cfg.defense.name
+    if not acts_in_align(name):
+        return (1, 0)
+    return (0, ALIGN_FIRST.index(name) if name in ALIGN_FIRST else len(ALIGN_FIRST))
+
+
+def failure(fut: Future, cell: Cell) -> str | None:
+    """The cell's error line, or None if it succeeded."""
+    try:
+        fut.result()
+    except CellError as e:
+        return str(e)
+    except Exception as e:  # a crashed worker (BrokenProcessPool), an unpicklable result
+        return f"cell {' '.join(cell.overrides)} failed: {type(e).__name__}: {e}"
+    return None
+
+
 def worker_env() -> dict[str, str]:
     """The environment a remote cell runs with: the local workers' settings and the driver's
     hftlab / Hugging Face / tracker variables."""
-    from ..sweep import WORKER_ENV
-
     fwd = {k: v for k, v in os.environ.items() if k.startswith(FORWARD_PREFIXES)}
     return {**fwd, **WORKER_ENV}
 
@@ -92,10 +110,8 @@ def remote_cell(overrides: list[str], files: list[str], cwd: str, env: dict[str,
     os.environ.update(env)
     os.chdir(cwd)
     _quiet()
-    from ..sweep import CellError, _work
-
     try:
-        return _work(overrides, files), None
+        return run_cell(overrides, files), None
     except CellError as e:
         return None, str(e)
 
@@ -106,10 +122,8 @@ def remote_group(cells: list[list[str]], files: list[str], cwd: str,
     return [remote_cell(o, files, cwd, env) for o in cells]
 
 
-def cell_future(outcome: Future, cell: "Cell", label: str) -> Future:
+def cell_future(outcome: Future, cell: Cell, label: str) -> Future:
     """A future that resolves like a local cell's from one that resolves to :func:`remote_cell`'s pair."""
-    from ..sweep import CellError
-
     out: Future = Future()
 
     def done(f: Future) -> None:

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from .base import Executor, Submit, cell_future, remote_cell, remote_group, worker_env
 
 if TYPE_CHECKING:
-    from ..sweep import Cell
+    from ..cell import Cell
 
 log = logging.getLogger(__name__)
 
