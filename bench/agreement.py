@@ -40,15 +40,23 @@ def default_config() -> dict[str, Any]:
 
 
 def select_rows(rows: Sequence[dict[str, Any]], where: Sequence[str] = (), attack: str = "harmful-mix",
-                defaults: dict[str, Any] | None = None) -> tuple[list[dict], list[str]]:
-    """Runs of the papers' attack (harmful data mixed into the user data) matching every ``key=value`` of
-    ``where``, then those on the modal protocol: for each config key that varies between runs (other than
-    defense parameters, task, ratio, n and seed) and the base model, the most common value. A key a run's
-    config lacks (written before the key existed) counts as its value in ``defaults``. Returns the rows
-    kept and one line per reason a row was left out."""
+                defaults: dict[str, Any] | None = None, split: str | None = "test") -> tuple[list[dict], list[str]]:
+    """Runs of the papers' attack (harmful data mixed into the user data) scored on ``split`` (the report's
+    test prompts: ``hftlab tune`` trials are scored on the validation split, on validation seeds, with many
+    defense settings per seed, and must never stand in for a defense's cells; None keeps every split),
+    matching every ``key=value`` of ``where``, then those on the modal protocol: for each config key that
+    varies between runs (other than defense parameters, task, ratio, n and seed) and the base model, the
+    most common value. A key a run's config lacks (written before the key existed) counts as its value in
+    ``defaults``. Returns the rows kept and one line per reason a row was left out."""
     defaults = defaults or {}
     kept = [r for r in rows if r["attack"] == attack]
     notes = [f"left out {len(rows) - len(kept)} run(s) of another attack than {attack}"] * (len(kept) < len(rows))
+    if split is not None:
+        n_before = len(kept)
+        kept = [r for r in kept if str(value(r, "eval.split") or defaults.get("eval.split", "test")) == split]
+        if len(kept) < n_before:
+            notes.append(f"left out {n_before - len(kept)} run(s) scored on another eval.split than {split} "
+                         "(hftlab tune trials)")
     for cond in where:
         key, sep, want = cond.partition("=")
         if not sep:
@@ -193,7 +201,7 @@ def run(args: Any) -> dict:
     published = load_published(args.published)
     tables, skipped = mirror_tables(published, registry.names("defense"))
     all_rows = store.rows(args.store)
-    rows, notes = select_rows(all_rows, args.where, args.attack, default_config())
+    rows, notes = select_rows(all_rows, args.where, args.attack, default_config(), args.split or None)
     presets = args.preset or sorted({preset_of(r) for r in rows} | {"default"}, key=lambda p: (p != "default", p))
     results = []
     for table in tables:
@@ -223,6 +231,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--preset", nargs="*", default=None, help="presets to compare (default: every preset in the store)")
     ap.add_argument("--where", nargs="*", default=[], help="keep only runs with these config values (key=value)")
     ap.add_argument("--attack", default="harmful-mix", help="the attack whose runs mirror the papers' tables")
+    ap.add_argument("--split", default="test",
+                    help="keep only runs scored on this eval.split ('' keeps every split; tune trials use validation)")
     ap.add_argument("--boot", type=int, default=2000, help="bootstrap resamples")
     ap.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     ap.add_argument("--tol", type=float, default=0.0,

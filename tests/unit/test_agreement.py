@@ -266,3 +266,21 @@ def test_select_rows_treats_a_missing_key_as_its_default():
     assert notes == ["left out 1 run(s) whose finetune.split differs from the common 'test'"]
     kept, _ = select_rows(rows)  # without defaults the two old runs are the common protocol
     assert [r["config"]["seed"] for r in kept] == [0, 1]
+
+
+def test_select_rows_leaves_out_tune_trials_scored_on_validation():
+    from bench.agreement import select_rows
+
+    def row(seed: int, split: str | None) -> dict:
+        cfg = {"defense": {"name": "lisa"}, "seed": seed}
+        if split is not None:
+            cfg["eval"] = {"split": split}
+        return {"attack": "harmful-mix", "model": "organism-test", "config": cfg}
+
+    # three tune trials on validation seeds outnumber the two report runs: the modal protocol must not win
+    rows = [row(0, "test"), row(1, None), row(100, "validation"), row(100, "validation"), row(101, "validation")]
+    kept, notes = select_rows(rows, defaults={"eval.split": "test"})
+    assert [r["config"]["seed"] for r in kept] == [0, 1]
+    assert notes == ["left out 3 run(s) scored on another eval.split than test (hftlab tune trials)"]
+    kept, _ = select_rows(rows, defaults={"eval.split": "test"}, split=None)  # every split: the modal one wins
+    assert [r["config"]["seed"] for r in kept] == [100, 100, 101]
