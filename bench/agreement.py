@@ -2,11 +2,13 @@
 
     python -m bench.agreement [--store runs/results.sqlite] [--published docs/published/results.csv]
                               [--out reports/agreement] [--preset default tuned] [--where finetune.lr=0.002]
+                              [--split test]
 
 Loads the published tables, mirrors each one the organism can (hftlab's methods, the harmful ratios, the
-organism's twin task: sentiment for SST2, topic for AGNEWS, arithmetic for GSM8K), reads the organism's runs
-from the results store, and writes ``agreement.md``, ``agreement.json`` and one scatter plot per table and
-preset (organism ΔHS vs published ΔHS, one labelled point per method). Organism runs are grouped by
+organism's twin task: sentiment for SST2, topic for AGNEWS, arithmetic for GSM8K, instruction for
+AlpacaEval), reads the organism's runs scored on the test split from the results store, and writes
+``agreement.md``, ``agreement.json`` and one scatter plot per table and preset (organism ΔHS vs published
+ΔHS, one labelled point per method). Organism runs are grouped by
 (defense, preset): a run whose config has ``defense.preset=tuned`` is the tuned preset of its defense; a
 preset without an SFT run uses the default SFT. Runs off the store's common protocol (the bench's stress
 cells, other organism builds) are left out and counted; ``--where`` selects runs by config value instead.
