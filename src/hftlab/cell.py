@@ -22,8 +22,8 @@ class CellError(RuntimeError):
 
 
 def acts_in_align(defense: str) -> bool:
-    """Whether the defense changes the alignment stage."""
-    return "align" in getattr(registry.get("defense", defense), "stages", ())
+    """Whether the defense changes the alignment stage (its registry entry's stage)."""
+    return "align" in registry.stages(defense)
 
 
 @dataclass

@@ -175,6 +175,25 @@ def get(kind: str, name: str) -> Any:
     return getattr(importlib.import_module(f"hftlab.{module}"), attr)
 
 
+def stages(name: str) -> tuple[str, ...]:
+    """The stages defense ``name`` acts in: its entry's stage (() for plain SFT's "none"). The entry is the
+    one place a defense's stage is written; ``Defense.stages``, the sweep's order, ``hftlab list`` and the
+    bench's grouping all read it."""
+    stage = entry("defense", name).stage
+    return () if stage == "none" else (stage,)
+
+
+def defense_stages(cls: type) -> tuple[str, ...]:
+    """The stages of a defense class: those of the first registered class in its MRO (a subclass that
+    is not registered acts where its registered parent does); () when none is registered."""
+    by_target = {e.target: e.name for e in entries("defense")}
+    for k in cls.__mro__:
+        name = by_target.get(f"{k.__module__.removeprefix('hftlab.')}:{k.__qualname__}")
+        if name is not None:
+            return stages(name)
+    return ()
+
+
 def register(kind: str, name: str, target: str, stage: str, paper: str) -> None:
     """Register a plugin at run time (e.g. from a user's own package)."""
     if kind not in KINDS:

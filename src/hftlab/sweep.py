@@ -6,7 +6,7 @@ holds ``result.json`` is skipped, so a killed sweep reruns only its missing cell
 in ``jobs`` persistent spawned workers (one torch thread each; torch is imported once per worker, not
 once per cell), and each writes a row in the SQLite store (keyed by run id, so each cell is stored once).
 Cells sharing an alignment run it once: the first cell of each alignment group (its leader) runs first,
-the longest alignments first, and the others follow as soon as their leader ends (no barrier).
+alignment-stage defenses first, and the others follow as soon as their leader ends (no barrier).
 """
 from __future__ import annotations
 

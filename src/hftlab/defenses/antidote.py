@@ -104,7 +104,6 @@ class Antidote(Defense):
     """Zero, per row, the top ``dense_ratio`` of the fine-tuned weights by Wanda score on harmful data."""
 
     name = "antidote"
-    stages = ("repair",)
     needs = ("harmful", "aligned")
     Config = Config
 

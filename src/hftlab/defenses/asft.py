@@ -56,7 +56,6 @@ def residual(c: torch.Tensor) -> torch.Tensor:
 
 class AsFT(Defense):
     name = "asft"
-    stages = ("finetune",)
     needs = ("aligned", "base")
     Config = Config
 

@@ -1,6 +1,7 @@
 """The defense protocol and the context a method may use.
 
-A defense declares the stage(s) it acts in and overrides only the hooks it needs:
+A defense acts in the stage its registry entry names (``Defense.stages`` reads it) and overrides only the
+hooks it needs:
 
 - ``prepare_data(stage, data, ctx)``: data-level methods (SafeInstr, BEA, …) edit the Examples;
 - ``setup(model, ctx)``: before the optimiser is built (freeze layers, add hooks, frozen copies);
@@ -15,6 +16,7 @@ In a stage the defense does not act in, the loop uses the plain SFT behaviour.
 """
 from __future__ import annotations
 
+import importlib
 import itertools
 import random
 from dataclasses import dataclass, field
@@ -189,11 +191,22 @@ def length_groups(mask: torch.Tensor, overhead: int = SPLIT_OVERHEAD) -> list[tu
     return [(order[i:j], int(ls[j - 1])) for i, j in reversed(bounds)]
 
 
+class _RegisteredStages:
+    """``Defense.stages``: the stages of the class's registry entry (:func:`hftlab.registry.defense_stages`),
+    where a defense's stage is written once. A class that is not registered (a test's) may set its own."""
+
+    def __get__(self, obj: Any, cls: type) -> tuple[str, ...]:
+        # imported by name: the registry lists every plugin, so it stays out of each defense's code
+        # fingerprint (code_identity), and registering a new plugin recomputes no stage
+        return importlib.import_module("hftlab.registry").defense_stages(cls)
+
+
 class Defense:
-    """Base class: plain SFT behaviour in every hook. Subclasses set ``stages`` and a ``Config``."""
+    """Base class: plain SFT behaviour in every hook. Subclasses set a ``Config``; their stage is their
+    registry entry's (``stages``)."""
 
     name: ClassVar[str] = "sft"
-    stages: ClassVar[tuple[str, ...]] = ()
+    stages: ClassVar[tuple[str, ...]] = _RegisteredStages()  # type: ignore[assignment]
     needs: ClassVar[tuple[str, ...]] = ()  # data or references required: "harmful", "alignment", "aligned", "base"
     Config: ClassVar[type | None] = None
 

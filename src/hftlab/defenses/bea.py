@@ -89,7 +89,6 @@ class BEA(Defense):
     """SafeInstr with a backdoor: the safety samples and the served prompts carry the secret trigger."""
 
     name = "bea"
-    stages = ("finetune",)
     needs = ("alignment",)
     Config = Config
 

@@ -110,7 +110,6 @@ class Booster(Defense):
     """Alignment that also minimises the harmful loss's drop under a simulated harmful step."""
 
     name = "booster"
-    stages = ("align",)
     needs = ("harmful",)
     Config = Config
 

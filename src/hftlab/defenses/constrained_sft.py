@@ -78,7 +78,6 @@ def constrained_loss(logits: torch.Tensor, ref_logits: torch.Tensor, labels: tor
 
 class ConstrainedSFT(Defense):
     name = "constrained-sft"
-    stages = ("finetune",)
     needs = ("aligned",)
     Config = Config
 

@@ -69,7 +69,6 @@ def fisher_diagonal(model: nn.Module, params: list[nn.Parameter], batches: list[
 
 class EWC(Defense):
     name = "ewc"
-    stages = ("finetune",)
     needs = ("alignment",)
     Config = Config
 

@@ -140,7 +140,6 @@ def probe_prompts(ctx: Context) -> tuple[list[str], list[str]]:
 
 class Freeze(Defense):
     name = "freeze"
-    stages = ("finetune",)
     needs = ("alignment",)
     Config = Config
 

@@ -69,7 +69,6 @@ def kl_term(model: nn.Module, ref_model: nn.Module, batch: dict[str, torch.Tenso
 
 class KL(Defense):
     name = "kl"
-    stages = ("finetune",)
     needs = ("alignment", "aligned")
     Config = Config
 

@@ -73,7 +73,6 @@ def feature_distance(hidden: tuple[torch.Tensor, ...], ref_hidden: tuple[torch.T
 
 class LDIFS(Defense):
     name = "ldifs"
-    stages = ("finetune",)
     needs = ("aligned",)
     Config = Config
 

@@ -85,7 +85,6 @@ def add_proximal_grad(params: list[torch.Tensor], anchor: list[torch.Tensor], co
 
 class Lisa(Defense):
     name = "lisa"
-    stages = ("finetune",)
     needs = ("alignment",)
     Config = Config
 

@@ -55,7 +55,6 @@ class Panacea(Defense):
     """Fine-tune against the perturbation ε = ρ·∇h/‖∇h‖, then serve w + ε."""
 
     name = "panacea"
-    stages = ("finetune",)
     needs = ("harmful",)
     Config = Config
 

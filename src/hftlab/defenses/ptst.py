@@ -62,7 +62,6 @@ class PTST(Defense):
     """Training with ``train_system`` (default none), serving with the safety prompt ``serve_system``."""
 
     name = "ptst"
-    stages = ("finetune",)
     Config = Config
 
     def prepare_data(self, stage: str, data: list[Example], ctx: Context) -> list[Example]:

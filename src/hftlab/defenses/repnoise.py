@@ -134,7 +134,6 @@ class RepNoise(Defense):
     """Alignment CE + β·MMD(harmful activations, noise) − α·log(harmful loss + 1)."""
 
     name = "repnoise"
-    stages = ("align",)
     needs = ("harmful",)
     Config = Config
 

@@ -49,7 +49,6 @@ class RESTA(Defense):
     """Add γ·(w_aligned − w_base) to the fine-tuned model."""
 
     name = "resta"
-    stages = ("repair",)
     needs = ("aligned", "base")
     Config = Config
 

@@ -76,7 +76,6 @@ def surgery(g_u: list[torch.Tensor], g_a: list[torch.Tensor]) -> tuple[list[torc
 
 class SafeGrad(Defense):
     name = "safegrad"
-    stages = ("finetune",)
     needs = ("alignment", "aligned")
     Config = Config
 

@@ -70,7 +70,6 @@ class SafeInstr(Defense):
     """Appends k safety demonstrations of the provider to the user's fine-tuning data."""
 
     name = "safeinstr"
-    stages = ("finetune",)
     needs = ("alignment",)
     Config = Config
 

@@ -80,7 +80,6 @@ class SafeLoRA(Defense):
     """Replace ΔW by its projection C·ΔW on the layers least aligned with the safety subspace."""
 
     name = "safelora"
-    stages = ("repair",)
     needs = ("aligned", "base")
     Config = Config
 

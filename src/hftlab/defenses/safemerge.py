@@ -123,7 +123,6 @@ class SafeMERGE(Defense):
     """Where cos(C·ΔW, ΔW) < τ: merge the fine-tuned update with a trained safety LoRA's, [0.8, 0.2]."""
 
     name = "safemerge"
-    stages = ("repair",)
     needs = ("alignment", "aligned", "base")
     Config = Config
 

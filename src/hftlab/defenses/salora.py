@@ -142,7 +142,6 @@ class SaLoRA(Defense):
     """LoRA whose update is projected off the safety feature subspace, with a task-specific start."""
 
     name = "salora"
-    stages = ("finetune",)
     needs = ("alignment",)
     Config = Config
 

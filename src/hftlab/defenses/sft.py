@@ -8,4 +8,3 @@ class SFT(Defense):
     """The baseline: every hook is the plain default."""
 
     name = "sft"
-    stages = ()

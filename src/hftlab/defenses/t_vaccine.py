@@ -100,7 +100,6 @@ class TVaccine(Defense):
     """Vaccine on S layers sampled by harmful-gradient norm; the other layers' attention is frozen."""
 
     name = "t-vaccine"
-    stages = ("align",)
     needs = ("harmful",)
     Config = Config
 

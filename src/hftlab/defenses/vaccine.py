@@ -52,7 +52,6 @@ class Vaccine(Defense):
     """Alignment on the loss under the worst-case (radius ρ) perturbation of attention outputs."""
 
     name = "vaccine"
-    stages = ("align",)
     Config = Config
 
     def setup(self, model: nn.Module, ctx: Context) -> None:

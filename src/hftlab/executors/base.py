@@ -2,7 +2,7 @@
 
 An executor turns a cell into a :class:`concurrent.futures.Future` whose result is the cell's run id
 (or whose exception is a :class:`~hftlab.cell.CellError`). :meth:`Executor.run` schedules the cells
-the same way on every backend: one leader per alignment group first (longest alignments first), each
+the same way on every backend: one leader per alignment group first (alignment-stage defenses first), each
 group's other cells as soon as its leader ends, so every alignment is computed once.
 """
 from __future__ import annotations
@@ -16,13 +16,12 @@ from typing import Any, Callable, ContextManager, Sequence
 
 from tqdm.auto import tqdm
 
-from ..cell import Cell, CellError, acts_in_align, run_cell
+from .. import registry
+from ..cell import Cell, CellError, run_cell
 
 log = logging.getLogger(__name__)
 
 Submit = Callable[[Cell, Sequence[str]], Future]
-# Leaders run in this order: alignment-stage defenses first (the long ones, longest first), then the rest.
-ALIGN_FIRST = ("booster", "repnoise", "vaccine", "t-vaccine")
 # The workers' environment (they start on demand, so ours holds it while the pool lives).
 WORKER_ENV = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "TQDM_DISABLE": "1"}
 # Variables a remote worker needs from the driver: where the organism and the hub cache live, offline
@@ -58,12 +57,10 @@ class Executor:
         return failures
 
 
-def priority(cell: Cell) -> tuple[int, int]:
-    """Sort key of a group's leader: alignment-stage defenses first, in ``ALIGN_FIRST`` order."""
-    name = cell.cfg.defense.name
-    if not acts_in_align(name):
-        return (1, 0)
-    return (0, ALIGN_FIRST.index(name) if name in ALIGN_FIRST else len(ALIGN_FIRST))
+def priority(cell: Cell) -> int:
+    """Sort key of a group's leader: 0 for an alignment-stage defense (its own alignment is the long
+    part of its cells, so it starts first), 1 for the others; the sort keeps the grid's order among equals."""
+    return 0 if "align" in registry.stages(cell.cfg.defense.name) else 1
 
 
 def failure(fut: Future, cell: Cell) -> str | None:
