@@ -78,6 +78,10 @@ ENTRIES: list[Entry] = [
     _E("defense", "safemerge", "defenses.safemerge:SafeMERGE", "repair",
        "SafeMERGE: Preserving Safety Alignment in Fine-Tuned LLMs via Selective Layer-Wise Model Merging, "
        "arXiv 2503.17239"),
+    _E("defense", "safedelta", "defenses.safedelta:SafeDelta", "repair",
+       "Safe Delta: Consistently Preserving Safety when Fine-Tuning LLMs on Diverse Datasets, arXiv 2505.12038"),
+    _E("defense", "nlsr", "defenses.nlsr:NLSR", "repair",
+       "NLSR: Neuron-Level Safety Realignment of LLMs Against Harmful Fine-Tuning, arXiv 2412.12497"),
     _E("defense", "panacea", "defenses.panacea:Panacea", "finetune",
        "Panacea: Mitigating Harmful Fine-tuning for LLMs via Post-fine-tuning Perturbation, arXiv 2501.18100 "
        "(optimised during fine-tuning, perturbation added after it)"),
