@@ -3,10 +3,9 @@ from __future__ import annotations
 
 import copy
 
-import pytest
 import torch
 from finetune_helpers import perturbed
-from repair_helpers import (as_merged, bad_param, linear_weights, pipeline_keeps_finetuned, repair_ctx,
+from repair_helpers import (as_merged, linear_weights, pipeline_keeps_finetuned, repair_ctx,
                             tiny_gpt2, tiny_llama, triple)
 from torch import nn
 
@@ -122,12 +121,6 @@ def test_second_architecture_gpt2(organism_tokenizer):
         delta = wf[k] - wa[k]
         want = wa[k] + topk_zeroed(delta, delta.abs() * norms[name].unsqueeze(0), 0.2)
         assert torch.allclose(got[k], want, atol=1e-6), k
-
-
-@pytest.mark.parametrize("key, value", [("dense_ratio", "1.5"), ("calib_n", "0"), ("batch_size", "x"),
-                                        ("weights", "full")])
-def test_bad_parameters_are_one_line_errors(key, value):
-    bad_param("antidote", key, value)
 
 
 def test_pipeline_leaves_the_finetuned_model_untouched(fast_overrides):

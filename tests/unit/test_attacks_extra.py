@@ -232,22 +232,15 @@ def test_guardrail_stage_in_the_pipeline(shared_out, capsys):
     assert next(s for s in again["stages"] if s["name"] == "guardrail")["cached"]
 
 
-@pytest.mark.parametrize("override, key", [
-    ("attack.encoded_benign=2", "attack.encoded_benign"),
-    ("attack.position=middle", "attack.position"),
-    ("attack.pool=0", "attack.pool"),
-    ("attack.lam=2", "attack.lam"),
-    ("attack.nope=1", "attack.nope"),
+@pytest.mark.parametrize("override, key", [  # the attacks' own parameters: tests/unit/test_defense_params.py
     ("guardrail.name=nope", "guardrail.name"),
     ("guardrail.threshold=1.5", "guardrail.threshold"),
 ])
-def test_bad_parameters_are_one_line_errors(override, key, capsys):
-    name = {"attack.encoded_benign": "cipher", "attack.position": "backdoor-trigger",
-            "attack.pool": "benign-select", "attack.lam": "virus"}.get(key, "cipher")
+def test_bad_guardrail_values_are_one_line_errors(override, key, capsys):
     with pytest.raises(ConfigError) as err:
-        load_config(overrides=[f"attack={name}", override])
+        load_config(overrides=[override])
     assert str(err.value).startswith(key) and "\n" not in str(err.value)
-    assert main(["validate", f"attack={name}", override]) == 2
+    assert main(["validate", override]) == 2
     out = capsys.readouterr().err.strip()
     assert key in out and len(out.splitlines()) == 1
 

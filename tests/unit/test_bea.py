@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 from data_defense_helpers import as_served, contains, make_ctx, recording, user_data  # noqa: F401
 
-from hftlab.config import ConfigError, load_config
+from hftlab.config import load_config
 from hftlab.data.format import Formatter
 from hftlab.defenses.bea import BEA, trigger_vocabulary
 from hftlab.defenses.ptst import unknown_words
@@ -62,20 +62,6 @@ def test_trigger_only_in_the_safety_samples(fmt):
 def test_trigger_too_long_for_max_length_is_an_error(fmt):
     with pytest.raises(ValueError, match="shorten defense.trigger_len"):
         BEA(trigger_len=120).prepare_data("finetune", user_data(), make_ctx(fmt))
-
-
-@pytest.mark.parametrize("override, words", [
-    ("defense.n_safety=0", ["defense.n_safety", "out of range"]),
-    ("defense.trigger_len=0", ["defense.trigger_len", "out of range"]),
-    ("defense.trigger_len=long", ["defense.trigger_len", "integer"]),
-    ("defense.seed=-1", ["defense.seed", "out of range"]),
-    ("defense.rho=1", ["defense.rho", "unknown parameter", "bea"]),
-])
-def test_bad_parameters_are_one_line_errors(override, words):
-    with pytest.raises(ConfigError) as err:
-        load_config(overrides=["defense=bea", override])
-    msg = str(err.value)
-    assert "\n" not in msg and all(w in msg for w in words), msg
 
 
 def test_pipeline_trigger_in_safety_samples_and_final_serving_only(fast_overrides, recording, fmt):

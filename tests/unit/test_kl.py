@@ -10,7 +10,7 @@ import torch
 from align_helpers import assert_grads_close, grads, loss_of, organism  # noqa: F401
 from finetune_helpers import make_ctx, perturbed, spread_batch, user_batch
 
-from hftlab.config import ConfigError, load_config
+from hftlab.config import load_config
 from hftlab.data.format import IGNORE, Formatter
 from hftlab.defenses.base import batch_pieces
 from hftlab.defenses.kl import KL, kl_term
@@ -101,15 +101,6 @@ def test_each_micro_batch_draws_its_own_alignment_batch(organism, fmt):
     assert not torch.equal(first["input_ids"][:, :8], second["input_ids"][:, :8])
     third = ctx.next_batch("alignment", 3)  # the defense's stream is two batches in
     assert torch.equal(third["input_ids"], twin.next_batch("alignment", 3)["input_ids"])
-
-
-@pytest.mark.parametrize("override, words", [
-    ("defense.lam=-1", "lam"), ("defense.batch_size=-1", "batch_size"), ("defense.data=harmful", "data"),
-    ("defense.lam=x", "lam"), ("defense.beta=1", "unknown parameter"),
-])
-def test_bad_parameters_are_config_errors(override, words):
-    with pytest.raises(ConfigError, match=words):
-        load_config(overrides=["defense=kl", override])
 
 
 def test_paper_defaults_file():

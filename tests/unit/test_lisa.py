@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from align_helpers import assert_grads_close, grads, organism  # noqa: F401
 from finetune_helpers import SOURCE, make_ctx, n_labels, perturbed, user_batch
 
-from hftlab.config import ConfigError, ModelConfig, TrainConfig, load_config
+from hftlab.config import ModelConfig, TrainConfig, load_config
 from hftlab.data.format import IGNORE, Formatter
 from hftlab.defenses.lisa import ALIGN, FINETUNE, Lisa, planned_state
 from hftlab.models.loading import add_lora, load_model
@@ -180,18 +180,6 @@ def test_gradient_accumulation_matches_big_batch(organism_path, organism_tokeniz
     moved = (results[0] - base).norm()
     assert moved > 1e-3
     assert (results[0] - results[1]).norm() / moved < 1e-4
-
-
-@pytest.mark.parametrize("override, words", [
-    ("defense.rho=-1", "rho"), ("defense.finetune_step=0", "finetune_step"),
-    ("defense.alignment_step=-2", "alignment_step"), ("defense.proximal_after=1.5", "proximal_after"),
-    ("defense.rho=abc", "rho"), ("defense.guide=3", "unknown parameter"),
-    ("defense.schedule=epochs", "schedule"), ("defense.cycles=0", "cycles"),
-    ("defense.alignment_fraction=1.5", "alignment_fraction"),
-])
-def test_bad_parameters_are_config_errors(override, words):
-    with pytest.raises(ConfigError, match=words):
-        load_config(overrides=["defense=lisa", override])
 
 
 def test_paper_defaults_file():

@@ -5,7 +5,7 @@ import copy
 
 import pytest
 import torch
-from repair_helpers import SOURCE, bad_param, tiny_gpt2, tiny_llama
+from repair_helpers import SOURCE, tiny_gpt2, tiny_llama
 
 from hftlab.config import TrainConfig, load_config
 from hftlab.data.format import Formatter
@@ -112,11 +112,6 @@ def test_teardown_serves_w_plus_eps(lora, make, organism_tokenizer):
         want = before[n] + next(moved) if p.requires_grad else before[n]
         assert torch.equal(p.detach(), want), n
     assert "panacea_eps" not in ctx.state
-
-
-@pytest.mark.parametrize("key, value", [("rho", "-1"), ("lam", "x"), ("harmful_batch_size", "0")])
-def test_bad_parameters_are_one_line_errors(key, value):
-    bad_param("panacea", key, value)
 
 
 def test_pipeline_runs_panacea_in_the_finetune_stage(fast_overrides):

@@ -7,7 +7,7 @@ from dataclasses import replace
 import pytest
 from data_defense_helpers import as_served, contains, make_ctx, recording, user_data  # noqa: F401
 
-from hftlab.config import ConfigError, load_config
+from hftlab.config import load_config
 from hftlab.data.format import Formatter
 from hftlab.defenses.ptst import PTST, unknown_words
 from hftlab.organism.world import SYSTEM_PROMPTS
@@ -56,21 +56,6 @@ def test_configured_training_template(fmt):
     assert all(contains(ids, [system_id(fmt), *fmt.ids(train)]) for ids in trained)
     assert not any(contains(ids, fmt.ids(SAFETY)) for ids in trained)
     assert defense.system_prompt("serve") == SAFETY and defense.system_prompt("align") == ""
-
-
-@pytest.mark.parametrize("override, words", [
-    ("defense.serve_system=", ["defense.serve_system", "non-empty"]),
-    ("defense.train_system=you are safe", ["defense.serve_system", "equals train_system"]),
-    ("defense.rho=1", ["defense.rho", "unknown parameter", "ptst"]),
-])
-def test_bad_parameters_are_one_line_errors(override, words):
-    overrides = ["defense=ptst", override]
-    if "train_system" in override:
-        overrides.append("defense.serve_system=you are safe")
-    with pytest.raises(ConfigError) as err:
-        load_config(overrides=overrides)
-    msg = str(err.value)
-    assert "\n" not in msg and all(w in msg for w in words), msg
 
 
 def test_pipeline_trains_plain_and_serves_with_the_safety_prompt(fast_overrides, recording, fmt):

@@ -8,7 +8,7 @@ import torch
 from align_helpers import (accumulation_matches, assert_grads_close, batch, grads, logged_steps, loss_of, make_ctx,  # noqa: F401
                            organism, param_grads, second_arch_trains)
 
-from hftlab.config import ConfigError, load_config
+from hftlab.config import load_config
 from hftlab.data.format import IGNORE, Formatter
 from hftlab.defenses.repnoise import RepNoise, harmful_terms, mmd
 
@@ -117,12 +117,6 @@ def test_missing_harmful_set(organism, fmt):
 @pytest.mark.parametrize("lora", [False, True])
 def test_second_architecture(organism_tokenizer, lora):
     second_arch_trains(RepNoise(), organism_tokenizer, lora)
-
-
-@pytest.mark.parametrize("key, value", [("alpha", -1), ("beta", -0.001), ("kernels", 0), ("kernel_mul", 0.5)])
-def test_bad_parameters_are_config_errors(key, value):
-    with pytest.raises(ConfigError, match=f"defense.{key}"):
-        load_config(overrides=["defense=repnoise", f"defense.{key}={value}"])
 
 
 def test_paper_defaults_file():

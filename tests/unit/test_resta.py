@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from repair_helpers import as_merged, bad_param, pipeline_keeps_finetuned, repair_ctx, tiny_gpt2, tiny_llama, triple
+from repair_helpers import as_merged, pipeline_keeps_finetuned, repair_ctx, tiny_gpt2, tiny_llama, triple
 
 from hftlab.defenses.resta import RESTA
 
@@ -50,11 +50,6 @@ def test_second_architecture_gpt2(organism_tokenizer):
     got = params(RESTA().repair(ft, repair_ctx(tok, base, aligned)))
     for n in wf:
         assert torch.allclose(got[n], wf[n] + 0.5 * (wa[n] - wb[n]), atol=1e-6), n
-
-
-@pytest.mark.parametrize("key, value", [("gamma", "-1"), ("dare_drop", "1.0"), ("gamma", "abc")])
-def test_bad_parameters_are_one_line_errors(key, value):
-    bad_param("resta", key, value)
 
 
 def test_pipeline_leaves_the_finetuned_model_untouched(fast_overrides):

@@ -11,7 +11,7 @@ import torch
 from align_helpers import assert_grads_close, grads, loss_of, organism  # noqa: F401
 from finetune_helpers import SOURCE, make_ctx, perturbed
 
-from hftlab.config import ConfigError, load_config
+from hftlab.config import load_config
 from hftlab.data.format import IGNORE, Formatter
 from hftlab.defenses.safegrad import SafeGrad, kl_to_aligned, surgery
 
@@ -94,15 +94,6 @@ def test_surgery_rule():
     assert [x.tolist() for x in u] == [[2.0, 3.0], [5.0]] and float(cos) > 0
     u, _ = surgery([torch.tensor([-2.0, 3.0])], [torch.zeros(2)])  # g_a = 0: nothing to project on
     assert u[0].tolist() == [-2.0, 3.0]
-
-
-@pytest.mark.parametrize("override, words", [
-    ("defense.align_loss=dpo", "align_loss"), ("defense.align_weight=-1", "align_weight"),
-    ("defense.batch_size=-2", "batch_size"), ("defense.rho=1", "unknown parameter"),
-])
-def test_bad_parameters_are_config_errors(override, words):
-    with pytest.raises(ConfigError, match=words):
-        load_config(overrides=["defense=safegrad", override])
 
 
 def test_paper_defaults_file():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from data_defense_helpers import SOURCE, make_ctx, user_data
 
-from hftlab.config import ConfigError, load_config
+from hftlab.config import load_config
 from hftlab.defenses.safeinstr import SafeInstr
 from hftlab.pipeline import run
 
@@ -58,22 +58,6 @@ def test_vlguard_style_kinds_and_other_stages():
 def test_too_many_safety_samples_is_an_error():
     with pytest.raises(ValueError, match="safeinstr: needs 10000 safety samples"):
         SafeInstr(n_safety=10000).prepare_data("finetune", user_data(), make_ctx(None, alignment_n=100))
-
-
-@pytest.mark.parametrize("override, words", [
-    ("defense.ratio=1.5", ["defense.ratio", "out of range"]),
-    ("defense.n_safety=-1", ["defense.n_safety", "out of range"]),
-    ("defense.n_safety=two", ["defense.n_safety", "integer"]),
-    ("defense.ratio=0", ["defense.ratio", "no safety samples"]),
-    ("defense.kinds=[refusal,harmful]", ["defense.kinds", "harmful"]),
-    ("defense.seed=-2", ["defense.seed", "out of range"]),
-    ("defense.rho=1", ["defense.rho", "unknown parameter", "safeinstr"]),
-])
-def test_bad_parameters_are_one_line_errors(override, words):
-    with pytest.raises(ConfigError) as err:
-        load_config(overrides=["defense=safeinstr", override])
-    msg = str(err.value)
-    assert "\n" not in msg and all(w in msg for w in words), msg
 
 
 def test_pipeline_trains_on_the_mixed_data(fast_overrides):

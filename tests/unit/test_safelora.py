@@ -5,7 +5,7 @@ import copy
 
 import pytest
 import torch
-from repair_helpers import (as_merged, bad_param, linear_weights, pipeline_keeps_finetuned, repair_ctx, tiny_llama,
+from repair_helpers import (as_merged, linear_weights, pipeline_keeps_finetuned, repair_ctx, tiny_llama,
                             tiny_qwen2, triple)
 
 from hftlab.defenses.safelora import SafeLoRA, cosine, projection
@@ -82,12 +82,6 @@ def test_second_architecture_qwen2(organism_tokenizer):
     got = linear_weights(SafeLoRA(select="threshold", threshold=0.99).repair(ft, ctx))
     assert ctx.repair_metrics["layers"] == 6  # q, k, v of 2 layers
     check(got, proj, keep, {k for k, c in cos.items() if c <= 0.99})
-
-
-@pytest.mark.parametrize("key, value", [("select", "some"), ("threshold", "2"), ("proj_fraction", "-0.1"),
-                                        ("num_proj_layers", "1.5"), ("nope", "1")])
-def test_bad_parameters_are_one_line_errors(key, value):
-    bad_param("safelora", key, value)
 
 
 def test_pipeline_leaves_the_finetuned_model_untouched(fast_overrides):

@@ -5,7 +5,7 @@ import copy
 
 import pytest
 import torch
-from repair_helpers import (as_merged, bad_param, linear_weights, lora_on, pipeline_keeps_finetuned, repair_ctx,
+from repair_helpers import (as_merged, linear_weights, lora_on, pipeline_keeps_finetuned, repair_ctx,
                             tiny_llama, tiny_qwen2, triple)
 from torch import nn
 
@@ -106,13 +106,6 @@ def test_number_mode_merges_the_lowest_cosines():
     assert safemerge.merged_layers(cos, safemerge.Config(select="number", fraction=0.01)) == ["b"]  # at least one
     assert safemerge.merged_layers(cos, safemerge.Config(select="number", fraction=0.0)) == []
     assert safemerge.merged_layers(cos, safemerge.Config(threshold=0.3)) == ["b", "d"]  # strict, the paper's
-
-
-@pytest.mark.parametrize("key, value", [("threshold", "3"), ("weights", "[0.8]"), ("weights", "[1.5, 0.2]"),
-                                        ("safety_rank", "0"), ("merge", "ties"), ("select", "all"),
-                                        ("fraction", "2"), ("num_layers", "-1")])
-def test_bad_parameters_are_one_line_errors(key, value):
-    bad_param("safemerge", key, value)
 
 
 def test_pipeline_leaves_the_finetuned_model_untouched(fast_overrides):

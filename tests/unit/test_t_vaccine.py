@@ -9,7 +9,7 @@ import torch
 from align_helpers import (accumulation_matches, assert_grads_close, attention_output_grads, batch, grads,  # noqa: F401
                            make_ctx, organism, second_arch_trains, vaccine_direct)
 
-from hftlab.config import ConfigError, TrainConfig, load_config
+from hftlab.config import TrainConfig, load_config
 from hftlab.data.format import Formatter
 from hftlab.defenses import t_vaccine
 from hftlab.defenses.t_vaccine import Config, TVaccine, layer_probabilities, layer_scores, sample_layers, sampled_count
@@ -116,13 +116,6 @@ def test_missing_harmful_set(organism, fmt):
 @pytest.mark.parametrize("lora", [False, True])
 def test_second_architecture(organism_tokenizer, lora):
     second_arch_trains(TVaccine(interval=1, score_interval=1), organism_tokenizer, lora)
-
-
-@pytest.mark.parametrize("key, value", [("rho", -1), ("layers", 0), ("interval", 0), ("score_interval", 0),
-                                        ("paper_depth", -1)])
-def test_bad_parameters_are_config_errors(key, value):
-    with pytest.raises(ConfigError, match=f"defense.{key}"):
-        load_config(overrides=["defense=t-vaccine", f"defense.{key}={value}"])
 
 
 def test_paper_defaults_file():
