@@ -17,10 +17,10 @@ In a stage the defense does not act in, the loop uses the plain SFT behaviour.
 from __future__ import annotations
 
 import importlib
-import itertools
 import random
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Iterator
+from typing import Any, Callable, ClassVar, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -77,7 +77,9 @@ class Context:
                 raise KeyError(f"stage '{self.stage}' has no '{name}' data")
             feats = self.formatter.encode_all(self.data[name])
             bs = batch_size or self.batch_size or 8
-            self._iters[key] = _endless(feats, bs, self.formatter, self.device, self.seed + len(key))
+            device = self.device
+            self._iters[key] = ({k: v.to(device) for k, v in b.items()}
+                                for b in endless_batches(feats, bs, self.formatter.collate, self.seed + len(key)))
         return self._iters[key]
 
     def next_batch(self, name: str, batch_size: int | None = None) -> dict[str, torch.Tensor]:
@@ -96,14 +98,55 @@ class Context:
             loss.backward()
 
 
-def _endless(feats: list, bs: int, fmt: Any, device: torch.device, seed: int) -> Iterator[dict]:
-    rng = random.Random(seed)
-    for _ in itertools.count():
+def endless_batches(feats: Sequence[dict], per_device: int, collate: Callable[[list], dict[str, torch.Tensor]],
+                    seed: int, rank: int = 0, world: int = 1) -> Iterator[dict[str, torch.Tensor]]:
+    """Endless shuffled batches of ``per_device`` rows (a new seeded shuffle each epoch, a short last batch
+    dropped unless it is the only one); process ``rank`` of ``world`` takes its shard of each global batch.
+    The training loop's micro-batches and :meth:`Context.batches` both come from here."""
+    shuffler = random.Random(seed)
+    global_bs = per_device * world
+    while True:
         order = list(range(len(feats)))
-        rng.shuffle(order)
-        for i in range(0, len(order) - bs + 1 if len(order) >= bs else 1, bs):
-            batch = fmt.collate([feats[j] for j in order[i: i + bs]])
-            yield {k: v.to(device) for k, v in batch.items()}
+        shuffler.shuffle(order)
+        for i in range(0, max(1, len(order) - global_bs + 1), global_bs):
+            chunk = order[i: i + global_bs][rank * per_device: (rank + 1) * per_device]
+            if chunk:
+                yield collate([feats[j] for j in chunk])
+
+
+def local_model(model: nn.Module) -> nn.Module:
+    """``model`` without a DDP wrapper: extra passes must not trigger DDP's gradient all-reduce. (PEFT's
+    wrapper stays: :func:`hftlab.models.introspect.unwrap` is the one that also removes it.)"""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        return model.module
+    return model
+
+
+def grads_of(loss: torch.Tensor, params: Sequence[nn.Parameter]) -> list[torch.Tensor]:
+    """∂loss/∂p for each of ``params`` via ``torch.autograd.grad`` (``.grad`` untouched), zeros where unused."""
+    grads = torch.autograd.grad(loss, list(params), allow_unused=True)
+    return [torch.zeros_like(p) if g is None else g.detach() for p, g in zip(params, grads)]
+
+
+def linear_term(params: Sequence[nn.Parameter], vectors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Σ ⟨v, p⟩ with v constant: its gradient w.r.t. each p is exactly v (adds v to ``.grad`` via backward)."""
+    return sum((v.detach() * p).sum() for p, v in zip(params, vectors))
+
+
+@contextmanager
+def weights_moved(params: Sequence[nn.Parameter], deltas: Iterable[torch.Tensor]) -> Iterator[None]:
+    """Inside the block each p is p + delta (``deltas`` may be a generator: consumed one at a time); on
+    exit, even on an error, every p is restored bit for bit from a copy."""
+    saved = [p.detach().clone() for p in params]
+    try:
+        with torch.no_grad():
+            for p, d in zip(params, deltas):
+                p.add_(d)
+        yield
+    finally:
+        with torch.no_grad():
+            for p, s in zip(params, saved):
+                p.copy_(s)
 
 
 def upcast(t: torch.Tensor) -> torch.Tensor:

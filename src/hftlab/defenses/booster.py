@@ -55,8 +55,8 @@ from torch import nn
 
 from ..bounds import bounds
 from ..models.introspect import attention_modules
-from .base import Context, Defense, lm_loss
-from .perturbation import EPS, global_norm, local_model, require, vaccine_backward
+from .base import Context, Defense, grads_of, linear_term, lm_loss, local_model, weights_moved
+from .perturbation import EPS, global_norm, require, vaccine_backward
 
 
 @dataclass
@@ -78,32 +78,14 @@ def harmful_directions(model: nn.Module, params: list[nn.Parameter], batch: dict
     """(∇h(w), ∇h(w − α·∇h/‖∇h‖), diagnostics) on one harmful batch; ``params`` are left exactly as found.
     The diagnostics are h(w), h after the simulated step and ‖∇h(w)‖ (Booster minimises the drop)."""
     h = lm_loss(model, batch)
-    g = _grads(h, params)
+    g = grads_of(h, params)
     norm = global_norm(g)
     step = alpha / (norm + EPS)
-    backup = [p.detach().clone() for p in params]
-    try:
-        with torch.no_grad():
-            for p, gi in zip(params, g):
-                p.sub_(gi * step.to(gi.dtype))
+    with weights_moved(params, (-(gi * step.to(gi.dtype)) for gi in g)):
         h_pert = lm_loss(model, batch)
-        g_pert = _grads(h_pert, params)
-    finally:
-        with torch.no_grad():
-            for p, b in zip(params, backup):
-                p.copy_(b)
+        g_pert = grads_of(h_pert, params)
     return g, g_pert, {"harmful_loss": h.detach(), "harmful_loss_after_step": h_pert.detach(),
                        "harmful_grad_norm": norm}
-
-
-def _grads(loss: torch.Tensor, params: list[nn.Parameter]) -> list[torch.Tensor]:
-    grads = torch.autograd.grad(loss, params, allow_unused=True)
-    return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
-
-
-def linear_term(params: list[nn.Parameter], vectors: list[torch.Tensor]) -> torch.Tensor:
-    """Σ ⟨v, p⟩ with v constant: its gradient w.r.t. each p is exactly v."""
-    return sum((v.detach() * p).sum() for p, v in zip(params, vectors))
 
 
 class Booster(Defense):

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from ..bounds import bounds
-from .base import Context, Defense, lm_loss, upcast
+from .base import Context, Defense, grads_of, lm_loss, upcast
 
 log = logging.getLogger(__name__)
 
@@ -58,10 +58,8 @@ def fisher_diagonal(model: nn.Module, params: list[nn.Parameter], batches: list[
     saved = [p.grad for p in params]
     fisher = [torch.zeros_like(upcast(p.detach())) for p in params]
     for b in batches:
-        grads = torch.autograd.grad(lm_loss(model, b), params, allow_unused=True)
-        for f, g in zip(fisher, grads):
-            if g is not None:
-                f.add_(upcast(g.detach()).pow(2))
+        for f, g in zip(fisher, grads_of(lm_loss(model, b), params)):  # an unused p adds zeros
+            f.add_(upcast(g).pow(2))
     for p, g in zip(params, saved):
         p.grad = g
     return fisher

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from ..bounds import bounds
-from .base import Context, Defense, lm_loss, upcast
+from .base import Context, Defense, grads_of, linear_term, lm_loss, local_model, upcast, weights_moved
 
 
 @dataclass
@@ -44,11 +44,6 @@ class Config:
     lam: float = field(default=0.001, metadata=bounds(0.0))  # weight of the harmful-loss increase (lamb)
     harmful_batch_size: int = field(default=10, metadata=bounds(1))
     clamp: float = field(default=5.0, metadata=bounds(0.0))  # h(w + ε) is clamped at this value
-
-
-def _grads(loss: torch.Tensor, params: list[nn.Parameter]) -> list[torch.Tensor]:
-    grads = torch.autograd.grad(loss, params, allow_unused=True)
-    return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
 
 
 class Panacea(Defense):
@@ -61,27 +56,18 @@ class Panacea(Defense):
     def perturbation(self, model: nn.Module, params: list[nn.Parameter],
                      harmful: dict[str, torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """(ε, d): ε = ρ·∇h/‖∇h‖ and d = −λ·(∇h_c(w + ε) − ∇h(w)); the weights are left as they were."""
-        g0 = _grads(lm_loss(model, harmful), params)
+        g0 = grads_of(lm_loss(model, harmful), params)
         norm = torch.sqrt(sum((upcast(g) ** 2).sum() for g in g0))
         eps = [self.cfg.rho * g / (norm + 1e-7) for g in g0]
-        saved = [p.detach().clone() for p in params]
-        with torch.no_grad():
-            for p, e in zip(params, eps):
-                p.add_(e)
-        try:
-            g1 = _grads(lm_loss(model, harmful).clamp(max=self.cfg.clamp), params)
-        finally:
-            with torch.no_grad():
-                for p, s in zip(params, saved):
-                    p.copy_(s)
+        with weights_moved(params, eps):
+            g1 = grads_of(lm_loss(model, harmful).clamp(max=self.cfg.clamp), params)
         return eps, [-self.cfg.lam * (a - b) for a, b in zip(g1, g0)]
 
     def backward(self, model: nn.Module, batch: dict[str, torch.Tensor], ctx: Context) -> torch.Tensor:
         params = [p for p in model.parameters() if p.requires_grad]
-        inner = ctx.accelerator.unwrap_model(model) if ctx.accelerator is not None else model
-        eps, d = self.perturbation(inner, params, ctx.next_batch("harmful", self.cfg.harmful_batch_size))
+        eps, d = self.perturbation(local_model(model), params, ctx.next_batch("harmful", self.cfg.harmful_batch_size))
         loss = lm_loss(model, batch)
-        ctx.backward(loss + sum((di.detach() * p).sum() for di, p in zip(d, params)))
+        ctx.backward(loss + linear_term(params, d))
         ctx.state["panacea_eps"] = [e.detach() for e in eps]
         return loss.detach()
 

@@ -18,16 +18,9 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
-from .base import Context, batch_pieces, label_count, lm_loss, piece_loss, upcast
+from .base import Context, batch_pieces, label_count, lm_loss, local_model, piece_loss, upcast
 
 EPS = 1e-7  # added to the global norm, as in the reference
-
-
-def local_model(model: nn.Module) -> nn.Module:
-    """``model`` without a DDP wrapper: extra passes must not trigger DDP's gradient all-reduce."""
-    if isinstance(model, nn.parallel.DistributedDataParallel):
-        return model.module
-    return model
 
 
 def require(ctx: Context, name: str, who: str) -> None:

@@ -33,7 +33,7 @@ from torch import nn
 
 from ..bounds import bounds, one_of
 from ..data.format import IGNORE
-from .base import Context, Defense, batch_pieces, label_count, lm_loss, upcast
+from .base import Context, Defense, batch_pieces, grads_of, label_count, lm_loss, upcast
 
 
 @dataclass
@@ -92,18 +92,13 @@ class SafeGrad(Defense):
 
     def backward(self, model: nn.Module, batch: dict[str, torch.Tensor], ctx: Context) -> torch.Tensor:
         loss = lm_loss(model, batch)
-        g_u = _grads(loss, self.params)
+        g_u = grads_of(loss, self.params)
         ab = ctx.next_batch("alignment", self.cfg.batch_size or None)
         a_loss = self.align_loss(model, ab, ctx)
-        g_a = _grads(a_loss, self.params)
+        g_a = grads_of(a_loss, self.params)
         g_u, cos = surgery(g_u, g_a)
         with torch.no_grad():
             combined = [u + self.cfg.align_weight * a for u, a in zip(g_u, g_a)]
         ctx.backward(sum((c * p).sum() for c, p in zip(combined, self.params)))  # its gradient: combined
         ctx.step_metrics.update({"align_loss": a_loss.detach(), "grad_cos": cos, "projected": (cos < 0).float()})
         return (loss + self.cfg.align_weight * a_loss).detach()
-
-
-def _grads(loss: torch.Tensor, params: list[nn.Parameter]) -> list[torch.Tensor]:
-    grads = torch.autograd.grad(loss, params, allow_unused=True)
-    return [torch.zeros_like(p) if g is None else g.detach() for p, g in zip(params, grads)]

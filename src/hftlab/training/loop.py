@@ -22,6 +22,7 @@ import math
 import random
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -31,7 +32,7 @@ from tqdm.auto import tqdm
 
 from ..config import TrainConfig
 from ..data.format import collate
-from ..defenses.base import PLAIN, Context, Defense
+from ..defenses.base import PLAIN, Context, Defense, endless_batches
 from ..runtime import accelerator  # also importable from here (tests and bench scripts use it)
 
 log = logging.getLogger(__name__)
@@ -69,19 +70,6 @@ def warn_low_precision(params: Sequence[nn.Parameter], cfg: TrainConfig, desc: s
         log.warning("%s: %s trainable weights (lr %g): most AdamW updates are smaller than the weights' "
                     "rounding step and are lost; use model.dtype=float32 for full fine-tuning, or LoRA", desc,
                     "/".join(low), cfg.lr)
-
-
-def _micro_batches(feats: Sequence[dict], per_device: int, pad_id: int, seed: int, rank: int, world: int):
-    """Endless shuffled micro-batches; each process takes its shard of every global batch."""
-    rng = random.Random(seed)
-    global_bs = per_device * world
-    while True:
-        order = list(range(len(feats)))
-        rng.shuffle(order)
-        for i in range(0, max(1, len(order) - global_bs + 1), global_bs):
-            chunk = order[i: i + global_bs][rank * per_device: (rank + 1) * per_device]
-            if chunk:
-                yield collate([feats[j] for j in chunk], pad_id)
 
 
 def train(
@@ -124,7 +112,7 @@ def train(
 
     world = acc.num_processes
     per_device = max(1, cfg.batch_size // world)
-    batches = _micro_batches(features, per_device, pad_id, seed, acc.process_index, world)
+    batches = endless_batches(features, per_device, partial(collate, pad_id=pad_id), seed, acc.process_index, world)
     result = TrainResult()
     log_file = open(log_path, "w") if log_path is not None and acc.is_main_process else None
     bar = tqdm(total=steps, desc=desc, disable=not acc.is_local_main_process, leave=False,
