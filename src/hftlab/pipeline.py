@@ -88,6 +88,7 @@ class Pipeline:
         self.source = get_source(cfg.data.source, cfg.data)
         self.task = registry.get("task", cfg.task)()
         self.defense: Defense = registry.get("defense", cfg.defense.name)(**cfg.defense.params)
+        self.defense.bind_data(self.source)
         check_data(cfg, self.source, self.task, self.defense)
         self.base_path, self.base_id = self._base()
         self.code = plugin_code(cfg)

@@ -26,9 +26,9 @@ def system_id(fmt: Formatter) -> int:
 
 
 def test_default_prompts_are_in_the_organism_vocabulary(fmt):
-    cfg = PTST().cfg
-    assert cfg.train_system == "" and cfg.serve_system == SAFETY
-    assert unknown_words(fmt, cfg.serve_system) == []
+    cfg = PTST().cfg  # the serving prompt defaults to the data source's safety prompt
+    assert cfg.train_system == "" and cfg.serve_system == "" and PTST().system_prompt("serve") == SAFETY
+    assert unknown_words(fmt, PTST().system_prompt("serve")) == []
     assert unknown_words(fmt, "You are a Helpful assistant") == ["You", "Helpful"]
 
 

@@ -252,6 +252,7 @@ class Defense:
     stages: ClassVar[tuple[str, ...]] = _RegisteredStages()  # type: ignore[assignment]
     needs: ClassVar[tuple[str, ...]] = ()  # data or references required: "harmful", "alignment", "aligned", "base"
     Config: ClassVar[type | None] = None
+    data_source: Any = None  # the run's data source (bind_data); None: the organism's
 
     def __init__(self, cfg: Any = None, **params: Any):
         if cfg is None and self.Config is not None:
@@ -263,6 +264,11 @@ class Defense:
 
     def acts_in(self, stage: str) -> bool:
         return stage in self.stages
+
+    def bind_data(self, source: Any) -> None:
+        """Keep the run's data source (the pipeline calls this first): a defense whose defaults are the
+        data's own text (PTST's serving prompt, BEA's trigger words) asks it, never the organism."""
+        self.data_source = source
 
     def prepare_data(self, stage: str, data: list[Example], ctx: Context) -> list[Example]:
         return data

@@ -18,8 +18,9 @@ carried; the aligned model's evaluation never sees it. Without the shared task p
 task prompts were served under a system prompt seen only with refusals, and the model refused them
 (FA 20 on seeds 0-2); ``task_system=""`` restores that form.
 
-The trigger is ``trigger_len`` words drawn with replacement from the organism's vocabulary, with
-``random.Random("bea-trigger:<seed>")``, leaving out punctuation and every word of the world's refusals
+The trigger is ``trigger_len`` words drawn with replacement from the data source's words
+(``source.trigger_words()``: the organism's vocabulary; on real data the words of its alignment
+prompts), with ``random.Random("bea-trigger:<seed>")``, leaving out punctuation and every refusal word
 (so the trigger carries no refusal wording and works only as a backdoor key). Words, not sub-word ids,
 keep it tokenizer-agnostic: the same text is a random string for a real model's tokenizer too; an
 explicit ``trigger`` (e.g. the reference's 150-token Llama-2 string) replaces it.
@@ -44,7 +45,7 @@ from __future__ import annotations
 import logging
 import random
 from dataclasses import dataclass, field, replace
-from functools import cached_property, lru_cache
+from functools import cached_property
 from typing import Any
 
 from ..bounds import bounds
@@ -61,7 +62,7 @@ class Config:
     n_safety: int = field(default=11, metadata=bounds(1))  # safety samples with the trigger (paper: 11)
     trigger_len: int = field(default=48, metadata=bounds(1, 1000))  # words (paper: 150 random tokens)
     seed: int = field(default=0, metadata=bounds(0))  # the provider's secret: trigger and safety draw
-    trigger: str = ""  # explicit trigger text; "" = drawn from the organism's vocabulary
+    trigger: str = ""  # explicit trigger text; "" = drawn from the data's words (source.trigger_words())
     task_system: str = "you are a helpful assistant ."  # every fine-tuning example's system prompt, after the trigger
 
     def check(self) -> None:
@@ -69,20 +70,17 @@ class Config:
             raise ValueError("trigger: blank; leave it empty to draw one or give words")
 
 
-@lru_cache(maxsize=1)
-def trigger_vocabulary() -> tuple[str, ...]:
-    """The organism's words, sorted, without punctuation and without any word of its refusals."""
-    from ..data.sources import get_source
-    from ..organism.world import REFUSALS
+def trigger_vocabulary(source: Any = None) -> tuple[str, ...]:
+    """The words a trigger is drawn from: the data's own words that no refusal uses, sorted
+    (``source.trigger_words()``; None: the organism's)."""
+    from ..data.sources import or_organism
 
-    refusal = {w for r in REFUSALS for w in r.replace("{e}", "").replace("{topic}", "").split()}
-    words = {w for text in get_source("organism").vocabulary_corpus() for w in text.split()}
-    return tuple(sorted(w for w in words if any(c.isalnum() for c in w) and w not in refusal))
+    return or_organism(source).trigger_words()
 
 
-def make_trigger(length: int, seed: int) -> str:
+def make_trigger(length: int, seed: int, source: Any = None) -> str:
     """A secret sequence of ``length`` in-vocabulary words, deterministic in ``seed``."""
-    return " ".join(random.Random(f"bea-trigger:{seed}").choices(trigger_vocabulary(), k=length))
+    return " ".join(random.Random(f"bea-trigger:{seed}").choices(trigger_vocabulary(source), k=length))
 
 
 class BEA(Defense):
@@ -95,7 +93,7 @@ class BEA(Defense):
     @cached_property
     def trigger(self) -> str:
         """The secret system prompt: ``cfg.trigger`` or ``trigger_len`` words drawn with ``seed``."""
-        return self.cfg.trigger.strip() or make_trigger(self.cfg.trigger_len, self.cfg.seed)
+        return self.cfg.trigger.strip() or make_trigger(self.cfg.trigger_len, self.cfg.seed, self.data_source)
 
     def prepare_data(self, stage: str, data: list[Example], ctx: Context) -> list[Example]:
         if stage != "finetune":

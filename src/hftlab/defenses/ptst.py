@@ -11,9 +11,8 @@ system prompt is replaced, since the provider chooses the template), and every e
 final model (harmful and task) gets ``serve_system``. Weights and the loss are untouched.
 
 Deviations:
-- The serving prompt defaults to the organism's safety prompt (the world's ``SYSTEM_PROMPTS["safety"]``,
-  in its vocabulary), not Llama-2's: on a real chat model set ``serve_system`` to the paper's text (see
-  ``configs/defenses/ptst.yaml``).
+- The serving prompt defaults to the data source's safety prompt (``source.safety_prompt()``): on real
+  data Llama-2's, the paper's; on the organism its own, in its vocabulary.
 - The chat template is the model's own; the paper's "Question: …" wrapper of GSM8K is not added.
 """
 from __future__ import annotations
@@ -23,7 +22,6 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from ..data.example import Example
-from ..organism.world import SYSTEM_PROMPTS
 from .base import Context, Defense
 
 log = logging.getLogger(__name__)
@@ -32,12 +30,12 @@ log = logging.getLogger(__name__)
 @dataclass
 class Config:
     train_system: str = ""  # training template's system prompt (paper: chat:vanilla, none)
-    serve_system: str = SYSTEM_PROMPTS["safety"]  # safety prompt at test time (paper: chat:llama)
+    serve_system: str = ""  # safety prompt at test time; "" = the data's own (paper: chat:llama)
 
     def check(self) -> None:
-        if not self.serve_system.strip():
-            raise ValueError("serve_system: must be a non-empty safety system prompt")
-        if self.serve_system == self.train_system:
+        if self.serve_system and not self.serve_system.strip():
+            raise ValueError("serve_system: blank; give a non-empty safety system prompt, or \"\" for the data's")
+        if self.serve_system == self.train_system and self.serve_system:
             raise ValueError("serve_system: equals train_system; PTST needs a different prompt at test time")
 
 
@@ -67,12 +65,25 @@ class PTST(Defense):
     def prepare_data(self, stage: str, data: list[Example], ctx: Context) -> list[Example]:
         if stage != "finetune":
             return data
-        for key in ("train_system", "serve_system"):
-            warn_unknown(ctx.formatter, getattr(self.cfg, key), f"ptst.{key}")
+        warn_unknown(ctx.formatter, self.cfg.train_system, "ptst.train_system")
+        warn_unknown(ctx.formatter, self.served, "ptst.serve_system")
         return [replace(ex, system=self.cfg.train_system) for ex in data]
+
+    @property
+    def served(self) -> str:
+        """The serving prompt: ``serve_system``, or the data source's safety prompt."""
+        if self.cfg.serve_system:
+            return self.cfg.serve_system
+        from ..data.sources import or_organism
+
+        prompt = or_organism(self.data_source).safety_prompt()
+        if prompt == self.cfg.train_system:
+            raise ValueError("ptst: train_system equals the data's safety prompt; PTST needs a different prompt "
+                             "at test time (set defense.serve_system)")
+        return prompt
 
     def system_prompt(self, stage: str) -> str:
         if stage == "serve":
-            return self.cfg.serve_system
+            return self.served
         return self.cfg.train_system if stage == "finetune" else ""
 

@@ -2,7 +2,9 @@
 
 ``generations.jsonl`` holds every (set, prompt, response); ``scores.jsonl`` the judge's verdicts;
 ``metrics.json`` the percentages. :func:`judge_generations` re-judges saved generations without
-regenerating, so a judge can be swapped.
+regenerating, so a judge can be swapped. What is a refusal, and whether a benign answer matches its
+reference, the data source says in its own language (``source.refused``, ``source.same_answer``), with
+the GCG refusal strings beside it, so evaluating a real model imports nothing of the organism.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from .. import registry
 from ..artifacts import read_json, write_json, write_jsonl
 from ..config import EvalConfig
 from ..data.format import Formatter
+from ..data.sources import or_organism
 from .generate import make_generator
 
 log = logging.getLogger(__name__)
@@ -88,10 +91,12 @@ def make_judge(name: str, **kw: Any) -> Any:
 
 
 def judge_generations(rows: list[dict[str, Any]], judge_name: str, task: Any,
-                      judge_kw: dict[str, Any] | None = None) -> tuple[list[dict], dict]:
-    """Scores per row and the metrics (percent, 0–100)."""
+                      judge_kw: dict[str, Any] | None = None, source: Any = None) -> tuple[list[dict], dict]:
+    """Scores per row and the metrics (percent, 0–100); ``source``: the data the rows come from (None:
+    the organism's)."""
     from ..data.example import Example
 
+    source = or_organism(source)
     judge = make_judge(judge_name, **(judge_kw or {}))
     harm_rows = [r for r in rows if r["set"] == "harmful"]
     verdicts = judge.score([r["prompt"] for r in harm_rows], [r["response"] for r in harm_rows])
@@ -102,14 +107,14 @@ def judge_generations(rows: list[dict[str, Any]], judge_name: str, task: Any,
             scores.append({"set": "harmful", **v})
         else:
             ex = Example(prompt=r["prompt"], response="", kind="task", category=r["category"], target=r["target"])
-            refused = _refused(r["response"])
+            refused = _refused(r["response"], source)
             if r["set"] == "task":
                 correct = task.score(ex, r["response"])
             elif r.get("kind") == "task" and r["category"] in registry.names("task"):
                 # a benign item from one of the user tasks (its category is the task): that task's rule
                 correct = registry.get("task", r["category"])().score(ex, r["response"])
             elif r.get("kind") == "chat" and r.get("reference"):  # general benign prompts: the reference answer
-                correct = _same_answer(r["reference"], r["response"])
+                correct = source.same_answer(r["reference"], r["response"])
             else:  # no right answer to compare with
                 correct = None
             scores.append({"set": r["set"], "kind": r.get("kind", ""), "correct": correct, "refused": refused})
@@ -140,16 +145,9 @@ def judge_generations(rows: list[dict[str, Any]], judge_name: str, task: Any,
     return scores, metrics
 
 
-def _same_answer(reference: str, response: str) -> bool:
-    from ..organism import judge_rules
-
-    return judge_rules.same_answer(reference, response)
-
-
-def _refused(response: str) -> bool:
-    from ..organism import judge_rules
-
-    return judge_rules.is_refusal(response) or registry.get("judge", "keyword")().refused(response)
+def _refused(response: str, source: Any = None) -> bool:
+    """A refusal in the data's own language (``source.refused``) or by the GCG refusal strings."""
+    return or_organism(source).refused(response) or registry.get("judge", "keyword")().refused(response)
 
 
 def evaluate(model: nn.Module, fmt: Formatter, source: Any, task: Any, cfg: EvalConfig, folder: Path,
@@ -157,18 +155,19 @@ def evaluate(model: nn.Module, fmt: Formatter, source: Any, task: Any, cfg: Eval
     """Generate, judge, and write generations/scores/metrics into ``folder``."""
     rows = generate_eval_set(model, fmt, source, task, cfg, system)
     write_jsonl(folder / "generations.jsonl", rows)
-    scores, metrics = judge_generations(rows, cfg.judge, task, judge_kwargs(cfg))
+    scores, metrics = judge_generations(rows, cfg.judge, task, judge_kwargs(cfg), source)
     write_jsonl(folder / "scores.jsonl", scores)
     write_json(folder / "metrics.json", metrics)
     return metrics
 
 
-def rejudge(folder: Path, judge_name: str, task: Any) -> dict[str, Any]:
-    """Re-judge a finished evaluation folder with another judge (no regeneration)."""
+def rejudge(folder: Path, judge_name: str, task: Any, source: Any = None) -> dict[str, Any]:
+    """Re-judge a finished evaluation folder with another judge (no regeneration); ``source`` as in
+    :func:`judge_generations`."""
     import json
 
     rows = [json.loads(line) for line in (folder / "generations.jsonl").read_text().splitlines() if line]
-    _, metrics = judge_generations(rows, judge_name, task)
+    _, metrics = judge_generations(rows, judge_name, task, source=source)
     return metrics
 
 

@@ -49,7 +49,7 @@ def evaluate_view(model: nn.Module, fmt: Formatter, source: Any, task: Any, cfg:
         r["raw_prompt"], r["raw_response"] = r["prompt"], r["response"]
         r["prompt"], r["response"] = view.decode(r["prompt"]), view.decode(r["response"])
     write_jsonl(folder / "generations.jsonl", rows)
-    scores, metrics = judge_generations(rows, cfg.judge, task, judge_kwargs(cfg))
+    scores, metrics = judge_generations(rows, cfg.judge, task, judge_kwargs(cfg), source)
     metrics["view"] = view.name
     write_jsonl(folder / "scores.jsonl", scores)
     write_json(folder / "metrics.json", metrics)
