@@ -37,6 +37,8 @@ ENTRIES: list[Entry] = [
     _E("defense", "t-vaccine", "defenses.t_vaccine:TVaccine", "align",
        "Targeted Vaccine: Safety Alignment for LLMs against Harmful Fine-Tuning via Layer-wise "
        "Perturbation (arXiv 2410.09760)"),
+    _E("defense", "tar", "defenses.tar:TAR", "align",
+       "Tamper-Resistant Safeguards for Open-Weight LLMs (arXiv 2408.00761)"),
     _E("defense", "rsn-tune", "defenses.rsn_tune:RSNTune", "align",
        "Understanding and Enhancing Safety Mechanisms of LLMs via Safety-Specific Neuron (RSN-Tune), ICLR 2025"),
     # -- fine-tuning-stage defenses --
