@@ -91,7 +91,7 @@ def test_bad_parameters_are_one_line_errors(kind, name, key, value, capsys):
 # integer: (plugin, overrides, the key the one-line error names, words it must hold)
 SPECIFIC = [
     ("freeze", ["defense.layers=3-1"], "defense.layers", ""),
-    ("ptst", ["defense.serve_system="], "defense.serve_system", "non-empty"),
+    ("ptst", ["defense.serve_system=' '"], "defense.serve_system", "non-empty"),
     ("ptst", ["defense.train_system=you are safe", "defense.serve_system=you are safe"], "defense.serve_system",
      "equals train_system"),
     ("safeinstr", ["defense.ratio=0"], "defense.ratio", "no safety samples"),
