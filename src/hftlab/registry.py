@@ -161,8 +161,8 @@ def names(kind: str) -> list[str]:
 
 
 def entry(kind: str, name: str) -> Entry:
-    for e in ENTRIES:
-        if e.kind == kind and e.name == name:
+    for e in entries(kind):
+        if e.name == name:
             return e
     raise RegistryError(f"unknown {kind} '{name}'; known: {', '.join(names(kind))}")
 
@@ -201,8 +201,11 @@ def defense_stages(cls: type) -> tuple[str, ...]:
 
 
 def register(kind: str, name: str, target: str, stage: str, paper: str) -> None:
-    """Register a plugin at run time (e.g. from a user's own package)."""
+    """Register a plugin at run time (e.g. from a user's own package); ``stage`` is one of ``STAGE_ORDER``
+    (for a defense, the one place its stage is written)."""
     if kind not in KINDS:
         raise RegistryError(f"unknown plugin kind '{kind}'; known: {', '.join(KINDS)}")
+    if stage not in STAGE_ORDER:
+        raise RegistryError(f"{kind} '{name}': unknown stage '{stage}'; known: {', '.join(STAGE_ORDER)}")
     ENTRIES[:] = [e for e in ENTRIES if not (e.kind == kind and e.name == name)]
     ENTRIES.append(Entry(kind, name, target, stage, paper))

@@ -64,3 +64,10 @@ def test_sweep_leaders_listing_and_bench_agree_with_the_entries(capsys):
     assert listed == {d: registry.entry("defense", d).stage for d in DEFENSES}
     for d in DEFENSES:
         assert bench_suite._acting_stage(d) == (registry.stages(d) or ("finetune",))[0]
+
+
+def test_every_entry_names_a_known_stage_and_register_checks_it():
+    assert {e.stage for e in registry.entries()} <= set(registry.STAGE_ORDER)
+    with pytest.raises(registry.RegistryError, match="unknown stage 'aling'"):
+        registry.register("defense", "mine", "defenses.lisa:Lisa", "aling", "a typo")
+    assert "mine" not in registry.names("defense")
