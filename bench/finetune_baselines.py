@@ -12,42 +12,14 @@ aligned and base references are copies of the organism (AsFT's anchor is then ze
 from __future__ import annotations
 
 import argparse
-import copy
 import logging
 import os
-import statistics
-import time
-from typing import Any
 
 import torch
 
-from bench.finetune_defenses import PeakMemory
-from hftlab import registry
-from hftlab.config import AttackConfig, Config, ModelConfig
-from hftlab.data.format import Formatter
-from hftlab.data.sources import get_source
-from hftlab.defenses.base import Context
-from hftlab.models.loading import add_lora, load_model, load_tokenizer
-from hftlab.training.loop import train
+from bench.finetune_defenses import bench_inputs, medians, run_one
 
 METHODS = ("sft", "ewc", "kl", "asft", "safegrad")
-
-
-def run_one(name: str, base: torch.nn.Module, tok: Any, feats: list, data: dict, tcfg: Any) -> dict:
-    defense = registry.get("defense", name)()
-    with PeakMemory() as mem:
-        model = copy.deepcopy(base)
-        torch.manual_seed(0)
-        model = add_lora(model, tcfg)
-        ctx = Context(stage="finetune", formatter=Formatter(tok, max_length=tcfg.max_length), data=data,
-                      loaders={"aligned": lambda: copy.deepcopy(base), "base": lambda: copy.deepcopy(base)},
-                      batch_size=tcfg.batch_size)
-        wall = time.perf_counter()
-        res = train(model, feats, tcfg, defense=defense if name != "sft" else None, ctx=ctx, seed=0,
-                    desc=name, pad_id=tok.pad_token_id)
-        wall = time.perf_counter() - wall
-    del model, ctx
-    return {"step": res.seconds / res.steps, "setup": wall - res.seconds, "mem": mem.delta}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -62,23 +34,8 @@ def main(argv: list[str] | None = None) -> None:
     if "sft" not in methods or any(m not in METHODS for m in methods):
         ap.error(f"--methods: rows among {', '.join(METHODS)}, sft included")
 
-    from hftlab.organism.build import ensure_organism
-
-    path = str(ensure_organism())
-    tok, base = load_tokenizer(path, ModelConfig()), load_model(path, ModelConfig())
-    defaults = Config()
-    source = get_source("organism")
-    user = registry.get("attack", "harmful-mix")().build(source, registry.get("task", "sentiment")(), AttackConfig())
-    data = {"alignment": source.alignment(defaults.data.alignment_n), "user": user}
-    tcfg = copy.deepcopy(defaults.finetune)
-    tcfg.max_steps = args.steps
-    feats = Formatter(tok, max_length=tcfg.max_length).encode_all(user)
-
-    runs: dict[str, list[dict]] = {m: [] for m in methods}
-    for _ in range(args.rounds):
-        for m in methods:
-            runs[m].append(run_one(m, base, tok, feats, data, tcfg))
-    med = {m: {k: statistics.median(r[k] for r in runs[m]) for k in ("step", "setup", "mem")} for m in methods}
+    _, tok, base, feats, data, tcfg = bench_inputs("", args.steps)
+    med = medians(methods, args.rounds, lambda m: run_one(m, {}, base, tok, feats, data, tcfg))
     where = "cuda" if torch.cuda.is_available() else f"cpu, {torch.get_num_threads()} thread(s)"
     print(f"\nfine-tuning step cost vs SFT (LoRA, batch {tcfg.batch_size}, {args.steps} steps x {args.rounds} "
           f"rounds, {where})")

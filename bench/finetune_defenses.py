@@ -23,7 +23,7 @@ import os
 import statistics
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -89,8 +89,11 @@ def _rss() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def run_one(label: str, base: torch.nn.Module, tok: Any, feats: list, data: dict, tcfg: TrainConfig) -> dict:
-    name, params = METHODS[label]
+def run_one(name: str, params: dict[str, Any], base: torch.nn.Module, tok: Any, feats: list, data: dict,
+            tcfg: TrainConfig) -> dict:
+    """One fine-tuning of a fresh copy of ``base`` by defense ``name``: seconds per optimiser step, the
+    one-off setup seconds and the peak memory above the level before it (the references are copies of
+    ``base``, loaded only if the defense asks)."""
     defense = registry.get("defense", name)(**params)
     with PeakMemory() as mem:
         model = copy.deepcopy(base)
@@ -98,13 +101,44 @@ def run_one(label: str, base: torch.nn.Module, tok: Any, feats: list, data: dict
         if tcfg.lora:
             model = add_lora(model, tcfg)
         ctx = Context(stage="finetune", formatter=Formatter(tok, max_length=tcfg.max_length), data=data,
-                      loaders={"aligned": lambda: copy.deepcopy(base)}, batch_size=tcfg.batch_size)
+                      loaders={"aligned": lambda: copy.deepcopy(base), "base": lambda: copy.deepcopy(base)},
+                      batch_size=tcfg.batch_size)
         wall = time.perf_counter()
         res = train(model, feats, tcfg, defense=defense if name != "sft" else None, ctx=ctx, seed=0,
                     desc=name, pad_id=tok.pad_token_id)
         wall = time.perf_counter() - wall
     del model, ctx
     return {"step": res.seconds / res.steps, "setup": wall - res.seconds, "mem": mem.delta}
+
+
+def medians(rows: list[str], rounds: int, run: Callable[[str], dict]) -> dict[str, dict[str, float]]:
+    """``run(row)`` for every row, ``rounds`` times interleaved; the median of each measure per row."""
+    runs: dict[str, list[dict]] = {m: [] for m in rows}
+    for _ in range(rounds):
+        for m in rows:
+            runs[m].append(run(m))
+    return {m: {k: statistics.median(r[k] for r in runs[m]) for k in ("step", "setup", "mem")} for m in rows}
+
+
+def bench_inputs(path: str, steps: int, lora: bool = True) -> tuple[str, Any, torch.nn.Module, list, dict, TrainConfig]:
+    """(model folder, tokenizer, model, features, data, fine-tuning config) of the model at ``path`` (default: the
+    organism) and the default attack's upload (harmful-mix, p = 0.1, n = 1000), for ``steps`` steps."""
+    from hftlab.config import Config
+
+    defaults = Config()
+    if not path:
+        from hftlab.organism.build import ensure_organism
+
+        path = str(ensure_organism())
+    tok = load_tokenizer(path, ModelConfig())
+    base = load_model(path, ModelConfig())
+    source = get_source("organism")
+    user = registry.get("attack", "harmful-mix")().build(source, registry.get("task", "sentiment")(), AttackConfig())
+    data = {"alignment": source.alignment(defaults.data.alignment_n), "user": user}
+    tcfg = copy.deepcopy(defaults.finetune)
+    tcfg.max_steps, tcfg.lora = steps, lora
+    feats = Formatter(tok, max_length=tcfg.max_length).encode_all(user)
+    return path, tok, base, feats, data, tcfg
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -118,33 +152,12 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
 
-    from hftlab.config import Config
-
-    defaults = Config()
-    path = args.model
-    if not path:
-        from hftlab.organism.build import ensure_organism
-
-        path = str(ensure_organism())
-    tok = load_tokenizer(path, ModelConfig())
-    base = load_model(path, ModelConfig())
-    source = get_source("organism")
-    user = registry.get("attack", "harmful-mix")().build(source, registry.get("task", "sentiment")(), AttackConfig())
-    data = {"alignment": source.alignment(defaults.data.alignment_n), "user": user}
-    tcfg = copy.deepcopy(defaults.finetune)
-    tcfg.max_steps, tcfg.lora = args.steps, not args.full
-    feats = Formatter(tok, max_length=tcfg.max_length).encode_all(user)
-
     methods = [m for m in args.methods.split(",") if m]
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         ap.error(f"unknown rows {unknown}; known: {', '.join(METHODS)}")
-    runs: dict[str, list[dict]] = {m: [] for m in methods}
-    for _ in range(args.rounds):
-        for m in methods:
-            runs[m].append(run_one(m, base, tok, feats, data, tcfg))
-
-    med = {m: {k: statistics.median(r[k] for r in runs[m]) for k in ("step", "setup", "mem")} for m in methods}
+    path, tok, base, feats, data, tcfg = bench_inputs(args.model, args.steps, lora=not args.full)
+    med = medians(methods, args.rounds, lambda m: run_one(*METHODS[m], base, tok, feats, data, tcfg))
     sft = med.get("sft")
     where = "cuda" if torch.cuda.is_available() else f"cpu, {torch.get_num_threads()} thread(s)"
     print(f"\nfine-tuning step cost vs SFT ({'full' if args.full else 'LoRA'}, batch {tcfg.batch_size}, "

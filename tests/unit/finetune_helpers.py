@@ -5,7 +5,7 @@ import copy
 from typing import Any
 
 import torch
-from align_helpers import tiny_gpt2
+from align_helpers import grads, tiny_gpt2
 from torch import nn
 
 from hftlab.config import TrainConfig
@@ -72,3 +72,36 @@ def second_arch_run(defense: Any, tokenizer: Any, lora: bool, steps: int = 2) ->
                 pad_id=tokenizer.pad_token_id)
     assert all(torch.isfinite(torch.tensor(res.losses)))
     return before, model
+
+
+def loss_and_grads(model: nn.Module, loss_fn: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``loss_fn(m)`` (detached) and its gradient w.r.t. the trainable weights of a fresh copy ``m`` of
+    ``model`` (one plain backward: the direct computation a defense's accumulated gradient is checked against)."""
+    m = copy.deepcopy(model)
+    m.zero_grad(set_to_none=True)
+    loss = loss_fn(m)
+    loss.backward()
+    return loss.detach(), grads(m)
+
+
+def direct_token_kl(policy: nn.Module, aligned: nn.Module, b: dict[str, torch.Tensor],
+                    reverse: bool = False) -> torch.Tensor:
+    """Σ_t Σ_v p(v) log(p(v)/q(v)), p the policy's and q the aligned model's next-token distributions
+    (``reverse``: q log(q/p)), at every labelled position t, each row run alone (no padding), divided by
+    the number of labelled positions of the batch; differentiable w.r.t. the policy."""
+    total, count = 0.0, 0
+    for row in range(b["input_ids"].shape[0]):
+        keep = b["attention_mask"][row].bool()
+        ids, labels = b["input_ids"][row][keep], b["labels"][row][keep]
+        logits = policy(input_ids=ids[None]).logits[0]
+        with torch.no_grad():
+            ref = aligned(input_ids=ids[None]).logits[0]
+        for t in range(len(ids) - 1):
+            if labels[t + 1] == IGNORE:
+                continue
+            p, q = torch.softmax(logits[t], -1), torch.softmax(ref[t], -1)
+            if reverse:
+                p, q = q, p
+            total = total + (p * (torch.log(p) - torch.log(q))).sum()
+            count += 1
+    return total / count

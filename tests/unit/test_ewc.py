@@ -2,13 +2,12 @@
 ℓ + λ·Σ F (θ − θ*)² with its gradient (also under gradient accumulation and with LoRA)."""
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import pytest
 import torch
-from align_helpers import accumulation_matches, assert_grads_close, grads, loss_of, organism  # noqa: F401
-from finetune_helpers import SOURCE, make_ctx, perturbed, user_batch
+from align_helpers import accumulation_matches, assert_grads_close, grads, loss_of, organism, param_grads  # noqa: F401
+from finetune_helpers import SOURCE, loss_and_grads, make_ctx, perturbed, user_batch
 
 from hftlab.config import TrainConfig, load_config
 from hftlab.data.format import Formatter
@@ -34,12 +33,9 @@ def _direct_fisher(model, fmt):
     rows = SOURCE.alignment(64)[:N_FISHER]
     fisher = {}
     for i in range(0, N_FISHER, FISHER_BS):
-        m = copy.deepcopy(model)
-        m.zero_grad(set_to_none=True)
-        loss_of(m, fmt.collate(fmt.encode_all(rows[i: i + FISHER_BS]))).backward()
-        for n, p in m.named_parameters():
-            if p.requires_grad:
-                fisher[n] = fisher.get(n, 0) + p.grad.detach() ** 2
+        b = fmt.collate(fmt.encode_all(rows[i: i + FISHER_BS]))
+        for n, g in loss_and_grads(model, lambda m: loss_of(m, b))[1].items():
+            fisher[n] = fisher.get(n, 0) + g ** 2
     return fisher
 
 
@@ -68,7 +64,7 @@ def test_loss_and_gradient(organism, fmt):
             p.copy_(q)
     b = user_batch(fmt)
     # λ such that the penalty's gradient is as large as the task's: both terms are tested
-    task = {n: g for n, g in _grads_of(organism, lambda m: loss_of(m, b)).items()}
+    task = {n: g for n, g in param_grads(organism, lambda m: loss_of(m, b)).items()}
     pull = torch.sqrt(sum(((2 * fisher[n] * (p.detach() - start[n])) ** 2).sum()
                           for n, p in organism.named_parameters()))
     lam = float(torch.sqrt(sum((g ** 2).sum() for g in task.values())) / pull)
@@ -81,20 +77,10 @@ def test_loss_and_gradient(organism, fmt):
         reg = sum((fisher[n] * (p - start[n]) ** 2).sum() for n, p in m.named_parameters())
         return loss_of(m, b) + lam * reg
 
-    m = copy.deepcopy(organism)
-    m.zero_grad(set_to_none=True)
-    want_loss = direct(m)
-    want_loss.backward()
-    assert_grads_close(got, grads(m))
+    want_loss, want = loss_and_grads(organism, direct)
+    assert_grads_close(got, want)
     torch.testing.assert_close(loss.double(), want_loss.detach().double(), rtol=1e-5, atol=0)  # HF: float32
     assert float(ctx.step_metrics["ewc_penalty"]) > 0.1 * float(loss), "the penalty is a real part of the loss"
-
-
-def _grads_of(model, fn):
-    m = copy.deepcopy(model)
-    m.zero_grad(set_to_none=True)
-    fn(m).backward()
-    return grads(m)
 
 
 def test_no_penalty_at_the_start(organism, fmt):
@@ -102,7 +88,7 @@ def test_no_penalty_at_the_start(organism, fmt):
     d.cfg.lam = 1e12
     b = user_batch(fmt)
     loss = d.backward(organism, b, _ctx(fmt))
-    want = _grads_of(organism, lambda m: loss_of(m, b))
+    want = param_grads(organism, lambda m: loss_of(m, b))
     assert_grads_close(grads(organism), want)
     torch.testing.assert_close(loss.double(), loss_of(organism, b).detach().double(), rtol=1e-5, atol=0)
 

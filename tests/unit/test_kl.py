@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 from align_helpers import assert_grads_close, grads, loss_of, organism  # noqa: F401
-from finetune_helpers import make_ctx, perturbed, spread_batch, user_batch
+from finetune_helpers import direct_token_kl, loss_and_grads, make_ctx, perturbed, spread_batch, user_batch
 
 from hftlab.config import load_config
-from hftlab.data.format import IGNORE, Formatter
+from hftlab.data.format import Formatter
 from hftlab.defenses.base import batch_pieces
 from hftlab.defenses.kl import KL, kl_term
 
@@ -23,25 +23,6 @@ def fmt(organism_tokenizer):
     return Formatter(organism_tokenizer, max_length=96)
 
 
-def _direct_kl(policy, aligned, b):
-    """Σ_t Σ_v p(v) log(p(v)/q(v)) at every labelled position t, each row run alone (no padding), divided
-    by the number of labelled positions of the batch."""
-    total, count = 0.0, 0
-    for row in range(b["input_ids"].shape[0]):
-        keep = b["attention_mask"][row].bool()
-        ids, labels = b["input_ids"][row][keep], b["labels"][row][keep]
-        logits = policy(input_ids=ids[None]).logits[0]
-        with torch.no_grad():
-            ref = aligned(input_ids=ids[None]).logits[0]
-        for t in range(len(ids) - 1):
-            if labels[t + 1] == IGNORE:
-                continue
-            p, q = torch.softmax(logits[t], -1), torch.softmax(ref[t], -1)
-            total = total + (p * (torch.log(p) - torch.log(q))).sum()
-            count += 1
-    return total / count
-
-
 @pytest.mark.parametrize("spread", [False, True])
 def test_kl_matches_direct_computation(organism, fmt, spread):
     policy = perturbed(organism, 0.02)
@@ -50,8 +31,8 @@ def test_kl_matches_direct_computation(organism, fmt, spread):
     assert len(batch_pieces(policy, b)) > spread  # spread: the length-grouped path on CPU
     with torch.no_grad():
         got = kl_term(policy, organism, b)
-        want = _direct_kl(policy, organism, b)
-        reverse = _direct_kl(organism, policy, b)
+        want = direct_token_kl(policy, organism, b)
+        reverse = direct_token_kl(policy, organism, b, reverse=True)
     assert got > 0
     torch.testing.assert_close(got, want, rtol=1e-9, atol=0)
     assert abs(float(want - reverse)) > 1e-6 * float(want), "the two directions differ on this batch"
@@ -69,13 +50,11 @@ def test_loss_and_gradient(organism, fmt, data):
     got = grads(policy)
 
     kb = twin.next_batch("alignment") if data == "alignment" else ub  # the batch the KL is taken on
-    m = copy.deepcopy(policy)
-    m.zero_grad(set_to_none=True)
-    task, kl = loss_of(m, ub), _direct_kl(m, organism, kb)
-    (task + lam * kl).backward()
-    assert_grads_close(got, grads(m))
-    torch.testing.assert_close(loss.double(), (task + lam * kl).detach().double(), rtol=1e-5, atol=0)  # HF: fp32
-    assert lam * float(kl.detach()) > 0.05 * float(task.detach()), "the KL term is a real part of the loss"
+    want_loss, want = loss_and_grads(policy, lambda m: loss_of(m, ub) + lam * direct_token_kl(m, organism, kb))
+    assert_grads_close(got, want)
+    torch.testing.assert_close(loss.double(), want_loss.double(), rtol=1e-5, atol=0)  # HF: fp32
+    task = loss_of(policy, ub).detach()
+    assert float(want_loss - task) > 0.05 * float(task), "the KL term is a real part of the loss"
     assert all(p.grad is None for p in ctx.reference("aligned").parameters()), "the aligned copy stays frozen"
 
 

@@ -3,16 +3,15 @@ gradient projected onto the normal plane of the alignment gradient when they con
 and the KL(aligned ‖ policy) alignment loss against explicit sums over the vocabulary."""
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import pytest
 import torch
-from align_helpers import assert_grads_close, grads, loss_of, organism  # noqa: F401
-from finetune_helpers import SOURCE, make_ctx, perturbed
+from align_helpers import assert_grads_close, grads, loss_of, organism, param_grads  # noqa: F401
+from finetune_helpers import SOURCE, direct_token_kl, make_ctx, perturbed
 
 from hftlab.config import load_config
-from hftlab.data.format import IGNORE, Formatter
+from hftlab.data.format import Formatter
 from hftlab.defenses.safegrad import SafeGrad, kl_to_aligned, surgery
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "defenses"
@@ -28,29 +27,6 @@ def _user(fmt, rows):
     return fmt.collate(fmt.encode_all(SOURCE.harmful("attack", 8)[rows]))
 
 
-def _direct_kl(policy, aligned, b):
-    """Σ_t Σ_v q(v) log(q(v)/p(v)), q the aligned model's, at each labelled position, rows run alone."""
-    total, count = 0.0, 0
-    for row in range(b["input_ids"].shape[0]):
-        keep = b["attention_mask"][row].bool()
-        ids, labels = b["input_ids"][row][keep], b["labels"][row][keep]
-        logits = policy(input_ids=ids[None]).logits[0]
-        with torch.no_grad():
-            ref = aligned(input_ids=ids[None]).logits[0]
-        for t in range(len(ids) - 1):
-            if labels[t + 1] != IGNORE:
-                p, q = torch.softmax(logits[t], -1), torch.softmax(ref[t], -1)
-                total, count = total + (q * (torch.log(q) - torch.log(p))).sum(), count + 1
-    return total / count
-
-
-def _flat_grad(model, fn):
-    m = copy.deepcopy(model)
-    m.zero_grad(set_to_none=True)
-    fn(m).backward()
-    return {n: p.grad.detach().clone() for n, p in m.named_parameters()}
-
-
 @pytest.mark.parametrize("align_loss, rows, conflict", [("kl", CONFLICT, True), ("kl", AGREE, False),
                                                          ("sft", CONFLICT, True)])
 def test_gradient_matches_direct_surgery(organism, fmt, align_loss, rows, conflict):
@@ -64,8 +40,11 @@ def test_gradient_matches_direct_surgery(organism, fmt, align_loss, rows, confli
     got = grads(policy)
 
     ab = twin.next_batch("alignment")  # the alignment batch the defense drew
-    a_fn = (lambda m: _direct_kl(m, organism, ab)) if align_loss == "kl" else (lambda m: loss_of(m, ab))
-    gu, ga = _flat_grad(policy, lambda m: loss_of(m, ub)), _flat_grad(policy, a_fn)
+
+    def a_fn(m):
+        return direct_token_kl(m, organism, ab, reverse=True) if align_loss == "kl" else loss_of(m, ab)
+
+    gu, ga = param_grads(policy, lambda m: loss_of(m, ub)), param_grads(policy, a_fn)
     dot = sum((gu[n] * ga[n]).sum() for n in gu)
     assert (dot < 0) == conflict, float(dot)
     if conflict:
@@ -81,7 +60,7 @@ def test_kl_alignment_loss_matches_direct(organism, fmt):
     b = fmt.collate(fmt.encode_all(SOURCE.alignment(64)[:6]))
     assert (b["attention_mask"] == 0).any()
     with torch.no_grad():
-        got, want = kl_to_aligned(policy, organism, b), _direct_kl(policy, organism, b)
+        got, want = kl_to_aligned(policy, organism, b), direct_token_kl(policy, organism, b, reverse=True)
     assert got > 0
     torch.testing.assert_close(got, want, rtol=1e-9, atol=0)
 

@@ -188,6 +188,28 @@ def row_groups(model: nn.Module, batch: dict[str, torch.Tensor],
     return length_groups(batch["attention_mask"])
 
 
+def paired_logits(model: nn.Module, ref_model: nn.Module, batch: dict[str, torch.Tensor]
+                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(logits, reference logits, labels) of the batch under ``model`` and the frozen ``ref_model`` (no
+    gradient), per length group on CPU as in :func:`lm_loss`: sum a per-token quantity over what it yields."""
+    for piece in batch_pieces(model, batch):
+        inputs = {"input_ids": piece["input_ids"], "attention_mask": piece["attention_mask"], "use_cache": False}
+        logits = model(**inputs).logits
+        with torch.no_grad():
+            ref_logits = ref_model(**inputs).logits
+        yield logits, ref_logits, piece["labels"]
+
+
+def paired_mean(model: nn.Module, ref_model: nn.Module, batch: dict[str, torch.Tensor],
+                token_sum: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Σ ``token_sum(logits, ref_logits, labels)`` over :func:`paired_logits`, divided by the batch's number of
+    labelled positions: the mean of a per-token quantity against a frozen reference (KL, SafeGrad)."""
+    total = torch.zeros((), device=batch["input_ids"].device)
+    for logits, ref_logits, labels in paired_logits(model, ref_model, batch):
+        total = total + token_sum(logits, ref_logits, labels)
+    return total / label_count(batch).clamp(min=1)
+
+
 def label_count(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Number of predicted (shifted, labelled) tokens: the denominator of the batch's mean loss."""
     return (batch["labels"][:, 1:] != -100).sum()

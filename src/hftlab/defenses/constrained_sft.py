@@ -32,7 +32,7 @@ from torch import nn
 
 from ..bounds import bounds
 from ..data.format import IGNORE
-from .base import Context, Defense, batch_pieces, label_count, upcast
+from .base import Context, Defense, label_count, paired_logits, upcast
 
 MIN_WEIGHT = 1e-3  # the reference clamps the detached token weight from below
 
@@ -85,16 +85,11 @@ class ConstrainedSFT(Defense):
         ctx.reference("aligned")  # load before the first step
 
     def backward(self, model: nn.Module, batch: dict[str, torch.Tensor], ctx: Context) -> torch.Tensor:
-        """On CPU the batch runs as its length groups (as ``lm_loss``): the same sum over the same response
-        tokens divided by the batch's count, without the padding compute."""
-        ref_model = ctx.reference("aligned")
+        """The sum over the batch's response tokens divided by the batch's count (``paired_logits`` may
+        yield the batch in length groups)."""
         count = label_count(batch)
         loss = torch.zeros((), device=batch["input_ids"].device)
-        for piece in batch_pieces(model, batch):
-            inputs = {"input_ids": piece["input_ids"], "attention_mask": piece["attention_mask"], "use_cache": False}
-            logits = model(**inputs).logits
-            with torch.no_grad():
-                ref_logits = ref_model(**inputs).logits
-            loss = loss + constrained_loss(logits, ref_logits, piece["labels"], self.cfg, count)
+        for logits, ref_logits, labels in paired_logits(model, ctx.reference("aligned"), batch):
+            loss = loss + constrained_loss(logits, ref_logits, labels, self.cfg, count)
         ctx.backward(loss)
         return loss.detach()

@@ -36,7 +36,7 @@ from torch import nn
 
 from ..bounds import bounds, one_of
 from ..data.format import IGNORE
-from .base import Context, Defense, batch_pieces, label_count, lm_loss, upcast
+from .base import Context, Defense, lm_loss, paired_mean, upcast
 
 
 @dataclass
@@ -56,15 +56,7 @@ def token_kl(logits: torch.Tensor, ref_logits: torch.Tensor, labels: torch.Tenso
 
 def kl_term(model: nn.Module, ref_model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Mean per-token KL(policy ‖ aligned) over the batch's labelled positions (length groups on CPU)."""
-    count = label_count(batch)
-    total = torch.zeros((), device=batch["input_ids"].device)
-    for piece in batch_pieces(model, batch):
-        inputs = {"input_ids": piece["input_ids"], "attention_mask": piece["attention_mask"], "use_cache": False}
-        logits = model(**inputs).logits
-        with torch.no_grad():
-            ref_logits = ref_model(**inputs).logits
-        total = total + token_kl(logits, ref_logits, piece["labels"])
-    return total / count.clamp(min=1)
+    return paired_mean(model, ref_model, batch, token_kl)
 
 
 class KL(Defense):

@@ -33,7 +33,7 @@ from torch import nn
 
 from ..bounds import bounds, one_of
 from ..data.format import IGNORE
-from .base import Context, Defense, batch_pieces, grads_of, label_count, lm_loss, upcast
+from .base import Context, Defense, grads_of, lm_loss, paired_mean, upcast
 
 
 @dataclass
@@ -53,13 +53,7 @@ def forward_kl(logits: torch.Tensor, ref_logits: torch.Tensor, labels: torch.Ten
 
 def kl_to_aligned(model: nn.Module, ref_model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Mean per-token KL(aligned ‖ policy) over the batch's labelled positions (length groups on CPU)."""
-    total = torch.zeros((), device=batch["input_ids"].device)
-    for piece in batch_pieces(model, batch):
-        inputs = {"input_ids": piece["input_ids"], "attention_mask": piece["attention_mask"], "use_cache": False}
-        with torch.no_grad():
-            ref_logits = ref_model(**inputs).logits
-        total = total + forward_kl(model(**inputs).logits, ref_logits, piece["labels"])
-    return total / label_count(batch).clamp(min=1)
+    return paired_mean(model, ref_model, batch, forward_kl)
 
 
 def surgery(g_u: list[torch.Tensor], g_a: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
