@@ -188,16 +188,27 @@ def row_groups(model: nn.Module, batch: dict[str, torch.Tensor],
     return length_groups(batch["attention_mask"])
 
 
+def paired_outputs(model: nn.Module, ref_model: nn.Module, batch: dict[str, torch.Tensor], with_loss: bool = False,
+                   **kw: Any) -> Iterator[tuple[Any, Any, dict[str, torch.Tensor]]]:
+    """(output, reference output, rows) of the batch under ``model`` and the frozen ``ref_model`` (no
+    gradient), per length group on CPU as in :func:`lm_loss` (else the whole batch once): sum over what it
+    yields. ``with_loss``: the output's ``loss`` is those rows' share of the batch's mean loss (summing
+    them gives the batch's). ``kw`` goes to both forwards (e.g. ``output_hidden_states=True``)."""
+    pieces = batch_pieces(model, batch)
+    share = {"num_items_in_batch": label_count(batch)} if with_loss and len(pieces) > 1 else {}
+    for piece in pieces:
+        inputs = {"input_ids": piece["input_ids"], "attention_mask": piece["attention_mask"], **kw, "use_cache": False}
+        out = model(**inputs, labels=piece["labels"], **share) if with_loss else model(**inputs)
+        with torch.no_grad():
+            ref = ref_model(**inputs)
+        yield out, ref, piece
+
+
 def paired_logits(model: nn.Module, ref_model: nn.Module, batch: dict[str, torch.Tensor]
                   ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """(logits, reference logits, labels) of the batch under ``model`` and the frozen ``ref_model`` (no
-    gradient), per length group on CPU as in :func:`lm_loss`: sum a per-token quantity over what it yields."""
-    for piece in batch_pieces(model, batch):
-        inputs = {"input_ids": piece["input_ids"], "attention_mask": piece["attention_mask"], "use_cache": False}
-        logits = model(**inputs).logits
-        with torch.no_grad():
-            ref_logits = ref_model(**inputs).logits
-        yield logits, ref_logits, piece["labels"]
+    """(logits, reference logits, labels) of :func:`paired_outputs`: sum a per-token quantity over them."""
+    for out, ref, rows in paired_outputs(model, ref_model, batch):
+        yield out.logits, ref.logits, rows["labels"]
 
 
 def paired_mean(model: nn.Module, ref_model: nn.Module, batch: dict[str, torch.Tensor],

@@ -39,7 +39,7 @@ from torch import nn
 
 from ..bounds import bounds, one_of
 from ..models.introspect import mlp_modules
-from .base import Context, Defense, batch_pieces, label_count, lm_loss, upcast
+from .base import Context, Defense, lm_loss, paired_outputs, upcast
 from .perturbation import capture_outputs, local_model
 
 
@@ -80,23 +80,16 @@ class LDIFS(Defense):
         ctx.reference("aligned")  # load before the first step
 
     def backward(self, model: nn.Module, batch: dict[str, torch.Tensor], ctx: Context) -> torch.Tensor:
-        """On CPU the batch runs as its length groups (as ``lm_loss``): the same sums over the same tokens
-        divided by the batch's label count and rows, without the padding compute."""
+        """ℓ + λ·Σ_l ‖h_l − h_l^ref‖² / rows, summed over the parts :func:`paired_outputs` yields (each
+        part's ``loss`` is its share of the batch's mean)."""
         ref_model = ctx.reference("aligned")
         if self.cfg.variant == "git-disl":
             return self._git_disl(model, ref_model, batch, ctx)
-        pieces = batch_pieces(model, batch)
-        kw = {"num_items_in_batch": label_count(batch)} if len(pieces) > 1 else {}
         rows = batch["input_ids"].shape[0]
         loss = torch.zeros((), device=batch["input_ids"].device)
-        for piece in pieces:
-            inputs = {"input_ids": piece["input_ids"], "attention_mask": piece["attention_mask"],
-                      "output_hidden_states": True, "use_cache": False}
-            out = model(**inputs, labels=piece["labels"], **kw)
-            with torch.no_grad():
-                ref = ref_model(**inputs)
+        for out, ref, part in paired_outputs(model, ref_model, batch, with_loss=True, output_hidden_states=True):
             loss = loss + out.loss + self.cfg.lam * feature_distance(out.hidden_states, ref.hidden_states,
-                                                                     piece["attention_mask"], rows)
+                                                                     part["attention_mask"], rows)
         ctx.backward(loss)
         return loss.detach()
 
