@@ -13,12 +13,12 @@ Vaccine's perturbation (git-disl/Vaccine ``trainer.py``, ``VaccineTrainer``), al
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
 
-from .base import Context, batch_pieces, label_count, lm_loss, local_model, piece_loss, upcast
+from .base import Context, batch_pieces, label_count, lm_loss, local_model, piece_loss, pieces_of, row_groups, upcast
 
 EPS = 1e-7  # added to the global norm, as in the reference
 
@@ -72,6 +72,28 @@ def capture_outputs(modules: Sequence[nn.Module]) -> Iterator[dict[int, torch.Te
     finally:
         for h in handles:
             h.remove()
+
+
+def outputs_by_group(model: nn.Module, batch: dict[str, torch.Tensor], modules: Sequence[nn.Module],
+                     per_group: Callable[[Any, torch.Tensor], Any], **kw: Any) -> tuple[list[torch.Tensor], list[Any]]:
+    """One forward of the batch, per length group on CPU as in :func:`~hftlab.defenses.base.lm_loss` (else
+    whole): (each module's (first) output at the batch's rows and width, zeros where a group was narrower;
+    ``per_group(output, labels)`` of each group, in order). ``kw`` goes to the forward."""
+    groups = row_groups(model, batch)  # None: one forward over the whole batch (GPU, DDP)
+    width = batch["input_ids"].shape[1]
+    parts: list[list[torch.Tensor]] = [[] for _ in modules]
+    results = []
+    for piece in pieces_of(batch, groups):
+        with capture_outputs(modules) as acts:
+            out = model(input_ids=piece["input_ids"], attention_mask=piece["attention_mask"], **kw)
+        pad = width - piece["input_ids"].shape[1]
+        for i in range(len(modules)):
+            parts[i].append(nn.functional.pad(acts[i], (0, 0, 0, pad)) if pad else acts[i])
+        results.append(per_group(out, piece["labels"]))
+    if groups is None:
+        return [p[0] for p in parts], results
+    back = torch.argsort(torch.cat([rows for rows, _ in groups]))  # group order -> batch order
+    return [torch.cat(p)[back] for p in parts], results
 
 
 def output_grads(model: nn.Module, batch: dict[str, torch.Tensor],

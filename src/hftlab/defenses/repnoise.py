@@ -36,6 +36,7 @@ Deviations:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -43,8 +44,8 @@ from torch import nn
 from ..bounds import bounds
 from ..data.format import IGNORE
 from ..models.introspect import final_norm, mlp_modules, unwrap
-from .base import Context, Defense, lm_loss, pieces_of, row_groups, upcast
-from .perturbation import capture_outputs, require
+from .base import Context, Defense, lm_loss, upcast
+from .perturbation import outputs_by_group, require
 
 
 @dataclass
@@ -94,34 +95,24 @@ def harmful_terms(model: nn.Module, batch: dict[str, torch.Tensor], kernels: int
                   mul: float = 2.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(MMD term, H) on one harmful batch (the Gaussian noise uses the global RNG).
 
-    On CPU the batch runs as its length groups (:func:`~hftlab.defenses.base.row_groups`, as ``lm_loss``):
-    each row's activations are those of the padded batch at its real positions, and they are put back at
-    the batch's width (zeros at padding, which the mask zeroes anyway) before the MMD; the cross-entropies
-    are summed over the groups and divided by the batch's labelled-token count. Same values, no padding
-    compute.
+    The MLP outputs and the cross-entropy sums come from :func:`~hftlab.defenses.perturbation.outputs_by_group`
+    (the batch's activations; the sums of the token cross-entropies, divided here by the batch's
+    labelled-token count).
     """
     mlps = mlp_modules(model)
     labels = batch["labels"]
-    width = labels.shape[1]
-    groups = row_groups(model, batch)  # None: one forward over the whole batch (GPU, DDP)
-    acts_parts: list[list[torch.Tensor]] = [[] for _ in mlps]
-    ce_sums: list[torch.Tensor] = []  # the output CE, then the logit lens of each hidden state
-    for piece in pieces_of(batch, groups):
-        with capture_outputs(mlps) as acts:
-            out = model(input_ids=piece["input_ids"], attention_mask=piece["attention_mask"],
-                        output_hidden_states=True)
-        pad = width - piece["input_ids"].shape[1]
-        for i in range(len(mlps)):
-            acts_parts[i].append(nn.functional.pad(acts[i], (0, 0, 0, pad)) if pad else acts[i])
-        sums = [shifted_ce(out.logits, piece["labels"], "sum"),
-                *logit_lens_ce(unwrap(model), out.hidden_states, piece["labels"], "sum")]
-        ce_sums = sums if not ce_sums else [a + b for a, b in zip(ce_sums, sums)]
-    # group order -> batch order
-    back = None if groups is None else torch.argsort(torch.cat([rows for rows, _ in groups]))
+
+    def ce_sums_of(out: Any, labels: torch.Tensor) -> list[torch.Tensor]:  # the output CE, then each lens
+        return [shifted_ce(out.logits, labels, "sum"), *logit_lens_ce(unwrap(model), out.hidden_states, labels, "sum")]
+
+    activations, per_group = outputs_by_group(model, batch, mlps, ce_sums_of, output_hidden_states=True)
+    ce_sums = per_group[0]
+    for sums in per_group[1:]:
+        ce_sums = [a + b for a, b in zip(ce_sums, sums)]
     mask = (labels != IGNORE).unsqueeze(-1)
     noise_term = 0.0
-    for parts in acts_parts:
-        hidden = (parts[0] if back is None else torch.cat(parts)[back]) * mask
+    for act in activations:
+        hidden = act * mask
         noise = torch.randn_like(hidden) * mask
         noise_term = noise_term + mmd(hidden.flatten(1), noise.flatten(1), kernels, mul)
     noise_term = noise_term / len(mlps)
