@@ -13,7 +13,7 @@ from align_helpers import assert_grads_close, grads, loss_of, organism  # noqa: 
 from finetune_helpers import SOURCE, make_ctx, second_arch_run, user_batch, user_data
 from torch.func import functional_call
 
-from hftlab.config import ConfigError, TrainConfig, load_config
+from hftlab.config import TrainConfig, load_config
 from hftlab.data.format import IGNORE, Formatter
 from hftlab.defenses.salora import RESIDUAL, SaLoRA
 from hftlab.models.loading import add_lora, merged
@@ -139,15 +139,6 @@ def test_second_architecture_lora(organism_tokenizer):
     frozen = [n for n in before if "lora_" not in n]
     assert frozen and all(torch.equal(before[n], after[n]) for n in frozen)
     assert any(not torch.equal(before[n], after[n]) for n in before if ".default." in n)
-
-
-@pytest.mark.parametrize("override, words", [("defense.safety_fraction=1.5", "safety_fraction"),
-                                             ("defense.safety_rank=-1", "safety_rank"),
-                                             ("defense.samples=0", "samples"),
-                                             ("defense.rank=3", "unknown parameter")])
-def test_bad_parameters_are_config_errors(override, words):
-    with pytest.raises(ConfigError, match=words):
-        load_config(overrides=["defense=salora", override])
 
 
 def test_paper_defaults_file():
