@@ -50,6 +50,12 @@ the reference's ratios (2e-6, 2e-5, 4e-5 = 1 : 10 : 20) and put the largest at t
 lr (2e-3): 1e-4, 1e-3, 2e-3 (the reference's are the lrs of its own test-time attacks on an 8B
 model, far below the organism's).
 
+On the organism (docs/results.md, default protocol, p = 0.1): with ``inner_steps=4 every=4`` (the CPU
+did not allow the default on several seeds) the attack's HS is 12.8 / 31.5 / 26.5 / 34.8 / 41.0 against
+SFT's 74.0 / 29.5 / 59.8 / 80.0 / 60.2 (seeds 0-4) at FA ≥ 99; the aligned models refuse everything and
+keep their benign accuracy, but after the attack their benign accuracy falls to 23-46 % (SFT: 72-87 %);
+the default (seed 0) gives HS 48.8 and a collapsed fine-tuned model (benign accuracy 1 %).
+
 Deviations:
 - One task per outer step (the refusal run: 2), for cost; ``tasks`` sets it.
 - The warm-up is plain SFT steps inside the alignment stage, not a separately trained model; the
