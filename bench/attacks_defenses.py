@@ -91,7 +91,7 @@ def collect(grid: Sequence[tuple[Key, Cell]], jobs: int = 1, run: bool = True,
             todo = [c for k, c in grid if not c.result_path.is_file() and k not in done]
         try:
             run_cells(todo, [], jobs, desc="attacks x defenses")
-        except RuntimeError as e:  # failed cells are left out of the tables, named in the log
+        except (RuntimeError, OSError) as e:  # failed cells are left out of the tables, named in the log
             log.error("%s", e)
     out = {k: json.loads(c.result_path.read_text()) for k, c in grid if c.result_path.is_file()}
     missing = [(k, c) for k, c in grid if k not in out]
