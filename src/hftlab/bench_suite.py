@@ -52,11 +52,8 @@ def _stage_time(result: dict[str, Any], stage: str) -> float | None:
 
 
 def _acting_stage(defense: str) -> str:
-    stages = getattr(registry.get("defense", defense), "stages", ())
-    for s in ("align", "finetune", "repair"):
-        if s in stages:
-            return s
-    return "finetune"
+    """The stage a defense acts in, from its registry entry (SFT and plain runs: fine-tuning)."""
+    return (registry.stages(defense) or ("finetune",))[0]
 
 
 def overhead(results: Sequence[dict[str, Any]]) -> dict[str, float]:

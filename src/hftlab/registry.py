@@ -84,6 +84,8 @@ ENTRIES: list[Entry] = [
        "Safe Delta: Consistently Preserving Safety when Fine-Tuning LLMs on Diverse Datasets, arXiv 2505.12038"),
     _E("defense", "nlsr", "defenses.nlsr:NLSR", "repair",
        "NLSR: Neuron-Level Safety Realignment of LLMs Against Harmful Fine-Tuning, arXiv 2412.12497"),
+    # Panacea acts in fine-tuning (its perturbation is optimised there) and is applied after it; it is
+    # listed here, last, because its place in this list sets its place in sweeps, reports and hftlab list.
     _E("defense", "panacea", "defenses.panacea:Panacea", "finetune",
        "Panacea: Mitigating Harmful Fine-tuning for LLMs via Post-fine-tuning Perturbation, arXiv 2501.18100 "
        "(optimised during fine-tuning, perturbation added after it)"),

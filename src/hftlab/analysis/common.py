@@ -280,7 +280,7 @@ def judge_scores(subject: Subject, examples: Sequence[Example], responses: Seque
     judge = make_judge(subject.cfg.eval.judge, **judge_kwargs(subject.cfg.eval))
     verdicts = judge.score([ex.prompt for ex in examples], list(responses))
     return {"harmful_score": pct([bool(v["harmful"]) for v in verdicts]),
-            "refusal_rate": pct([_refused(r) for r in responses])}
+            "refusal_rate": pct([_refused(r, subject.source) for r in responses])}
 
 
 def harmful_score(subject: Subject, model: nn.Module, examples: Sequence[Example],
