@@ -54,6 +54,7 @@ METHODS: list[tuple[str, str, dict[str, Any]]] = [
     ("repnoise", "repnoise", {}),
     ("t-vaccine", "t-vaccine", {}),
     ("t-vaccine -ckpt", "t-vaccine", {"checkpoint_frozen": False}),
+    ("rsn-tune", "rsn-tune", {}),
 ]
 TARGETS = {"vaccine": "≤ 1.8×", "booster": "≤ 3.1×", "repnoise": "≤ 2.2×", "t-vaccine": "mem < vaccine"}
 

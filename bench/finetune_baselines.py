@@ -1,6 +1,6 @@
-"""Cost of the regularisation and gradient-surgery baselines (ewc, kl, asft, safegrad) vs SFT.
+"""Cost of the regularisation, gradient-surgery and adapter baselines (ewc, kl, asft, safegrad, salora) vs SFT.
 
-Run: ``python -m bench.finetune_baselines [--steps 30 --rounds 3 --methods sft,ewc,kl,asft,safegrad]``.
+Run: ``python -m bench.finetune_baselines [--steps 30 --rounds 3 --methods sft,ewc,kl,asft,safegrad,salora]``.
 
 The protocol of :mod:`bench.finetune_defenses`: in ONE process, on the organism, each method fine-tunes a
 fresh LoRA copy of the same model on the same user batches of the default attack (harmful-mix, p = 0.1,
@@ -19,7 +19,7 @@ import torch
 
 from bench.finetune_defenses import bench_inputs, medians, run_one
 
-METHODS = ("sft", "ewc", "kl", "asft", "safegrad")
+METHODS = ("sft", "ewc", "kl", "asft", "safegrad", "salora")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -35,7 +35,7 @@ from hftlab.pipeline import Pipeline
 from hftlab.training.loop import train
 
 log = logging.getLogger("bench.repair_defenses")
-METHODS = ("safelora", "antidote", "resta", "safemerge", "panacea")
+METHODS = ("safelora", "antidote", "resta", "safemerge", "safedelta", "nlsr", "panacea")
 
 
 def measure(work: Callable[[], Any]) -> tuple[float, int, Any]:
