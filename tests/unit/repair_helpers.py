@@ -83,14 +83,15 @@ def repair_ctx(tok, base: nn.Module, aligned: nn.Module, seed: int = 0, data: di
     return Context(stage="repair", formatter=fmt, data=data, loaders=loaders, batch_size=4, seed=seed)
 
 
-def linear_weights(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Name -> (out, in) weight of every 2-D weight in the decoder layers (direct, by parameter name)."""
+def linear_weights(model: nn.Module, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Name -> (out, in) weight of every 2-D weight in the decoder layers (direct, by parameter name), as
+    ``dtype`` copies."""
     out = {}
     for name, p in model.named_parameters():
         if p.dim() != 2 or "lora_" in name or not (".layers." in name or ".h." in name):
             continue
         key = name.replace("base_model.model.", "").replace(".base_layer", "")
-        w = p.detach().float().clone()
+        w = p.detach().to(dtype).clone()
         out[key] = w.t() if ".h." in name else w  # GPT-2's Conv1D stores (in, out)
     return out
 
@@ -126,3 +127,8 @@ def pipeline_keeps_finetuned(name: str, overrides: list[str]) -> dict:
     assert stages["finetune"]["cached"] and not stages["repair"]["cached"]
     assert folder_digest(ft) == before
     return result
+
+
+def weights64(model: nn.Module) -> dict[str, torch.Tensor]:
+    """:func:`linear_weights` in float64, for the maths tests."""
+    return linear_weights(model, torch.float64)

@@ -8,24 +8,14 @@ import pytest
 import torch
 from finetune_helpers import perturbed
 from repair_helpers import (as_merged, bad_param, pipeline_keeps_finetuned, repair_ctx, tiny_gpt2,
-                            tiny_llama, triple)
+                            tiny_llama, triple, weights64)
 from torch import nn
 
 from hftlab.defenses.nlsr import NLSR, restore_probabilities
 
+
 QKV = ("q_proj", "k_proj", "v_proj")
 
-
-def weights64(model: nn.Module) -> dict[str, torch.Tensor]:
-    """linear_weights in float64 (the helper's copies are float32)."""
-    out = {}
-    for name, p in model.named_parameters():
-        if p.dim() != 2 or "lora_" in name or not (".layers." in name or ".h." in name):
-            continue
-        key = name.replace("base_model.model.", "").replace(".base_layer", "")
-        w = p.detach().double().clone()
-        out[key] = w.t() if ".h." in name else w  # GPT-2's Conv1D stores (in, out)
-    return out
 
 
 def expo_model(aligned: nn.Module, base: nn.Module, alpha: float) -> nn.Module:

@@ -6,22 +6,11 @@ import pytest
 import torch
 from finetune_helpers import perturbed
 from repair_helpers import (as_merged, bad_param, pipeline_keeps_finetuned, repair_ctx, tiny_gpt2,
-                            tiny_llama, triple)
+                            tiny_llama, triple, weights64)
 from torch import nn
 
 from hftlab.defenses.safedelta import SafeDelta
 
-
-def weights64(model: nn.Module) -> dict[str, torch.Tensor]:
-    """linear_weights in float64 (the helper's copies are float32)."""
-    out = {}
-    for name, p in model.named_parameters():
-        if p.dim() != 2 or "lora_" in name or not (".layers." in name or ".h." in name):
-            continue
-        key = name.replace("base_model.model.", "").replace(".base_layer", "")
-        w = p.detach().double().clone()
-        out[key] = w.t() if ".h." in name else w  # GPT-2's Conv1D stores (in, out)
-    return out
 
 
 def safety_inputs(model: nn.Module, ctx, modules: dict[str, nn.Module], n: int) -> dict[str, torch.Tensor]:
