@@ -171,8 +171,11 @@ def test_crashed_worker_is_reported_not_hung(fast_overrides):
 
 
 def test_bench_writes_report_folder(fast_overrides, tmp_path):
-    from hftlab.bench_suite import run_bench
+    from hftlab.bench_suite import run_bench, tuned_is_paper
 
+    # The shipped presets (read by the workers too): Lisa's differs from its paper setting (a tuned row),
+    # RESTA's is the paper's (its tuned row is its paper row, run once).
+    assert not tuned_is_paper("lisa") and tuned_is_paper("resta")
     out_dir = fast_overrides[-1].split("=", 1)[1]
     extra = [o for o in fast_overrides if not o.startswith("out_dir=")]
     report = run_bench(tmp_path / "report", seeds=(0, 1), jobs=2, runs_dir=out_dir, extra=extra,
@@ -182,6 +185,10 @@ def test_bench_writes_report_folder(fast_overrides, tmp_path):
                  "lr x3", "epochs x3", "full FT", "Per seed"):
         assert name in table, name
     assert sum(line.startswith("| lisa") for line in table.splitlines()) >= 3  # verdict, ratios, per-seed rows
+    verdicts = table.split("## Verdicts")[1].split("\n## ")[0]
+    assert [line.split("|")[2].strip() for line in verdicts.splitlines() if line.startswith("| lisa")] == ["paper", "tuned"]
+    assert [line.split("|")[2].strip() for line in verdicts.splitlines() if line.startswith("| resta")] == ["paper"]
+    assert "kept the paper's setting for resta" in verdicts
     for f in ("table.csv", "table.tex", "per_seed.csv", "worst_case.csv", "hs_fa_scatter.png", "hs_vs_p.png",
               "overhead.png"):
         assert (report / f).stat().st_size > 0

@@ -98,6 +98,18 @@ def has_tuned(defense: str) -> bool:
     return defense != "sft" and tuned_preset_path(defense).is_file()
 
 
+def tuned_is_paper(defense: str) -> bool:
+    """Whether ``hftlab tune`` kept the paper's setting (its preset's values equal the grid's paper point):
+    the tuned row would rerun the paper-defaults row under another name, so the bench runs it once."""
+    import yaml
+
+    from .config import tuned_preset_path
+    from .tune import grid
+
+    chosen = (yaml.safe_load(tuned_preset_path(defense).read_text()) or {}).get("defense") or {}
+    return {k: v for k, v in chosen.items() if k != "name"} == grid(defense)[0]
+
+
 def _worst_overrides(extra: Sequence[str]) -> list[tuple[str, list[str]]]:
     """(setting, overrides) of the attacker settings the worst case is taken over, the default first."""
     ft = load_config(overrides=list(extra)).finetune
@@ -123,7 +135,8 @@ def run_bench(out: Path, seeds: Sequence[int], jobs: int, runs_dir: str, extra: 
     if "sft" not in defenses:
         defenses.insert(0, "sft")
     p1 = ["sft", *[d for d in P1 if d in defenses]]
-    tuned = [d for d in defenses if has_tuned(d)]
+    same = [d for d in defenses if has_tuned(d) and tuned_is_paper(d)]
+    tuned = [d for d in defenses if has_tuned(d) and d not in same]
     seed_axis = f"seed={','.join(map(str, seeds))}"
     main_cells = plan([], [f"defense={','.join(defenses)}", seed_axis], fixed)
     tuned_cells = plan([], [f"defense={','.join(tuned)}", seed_axis], [*fixed, "defense.preset=tuned"]) if tuned else []
@@ -158,6 +171,8 @@ def run_bench(out: Path, seeds: Sequence[int], jobs: int, runs_dir: str, extra: 
           "A method lowers HS when the 95 % t interval of its mean ΔHS lies below 0 and that of its ΔFA above "
           f"-{FA_MARGIN:g}. Tuned rows use configs/organism/tuned/<name>.yaml (chosen on validation seeds and "
           "prompts, never these).\n\n", render(vheader, vbody)]
+    if same:
+        md.append(f"\nThe tune kept the paper's setting for {', '.join(same)}: their tuned row is their paper row.\n")
     if len(sft_hs) > 1:
         sd = statistics.stdev(sft_hs)
         md.append(f"\nSFT's HS over these seeds: {statistics.fmean(sft_hs):.1f} ± {sd:.1f} (std); an interval "

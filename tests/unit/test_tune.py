@@ -89,3 +89,16 @@ def test_tune_runs_on_the_organism(fast_overrides, tmp_path):
     assert all(0 <= r["hs"] <= 100 and 0 <= r["fa"] <= 100 for r in t["grid"])
     data = yaml.safe_load((out / "safelora.yaml").read_text())
     assert data["tune"]["validation_seeds"] == [7] and data["defense"]["name"] == "safelora"
+
+
+def test_a_preset_equal_to_the_papers_setting_is_recognised(tmp_path, monkeypatch):
+    from hftlab.bench_suite import tuned_is_paper
+
+    monkeypatch.setattr(config, "tuned_preset_path", lambda name: tmp_path / f"{name}.yaml")
+    (tmp_path / "lisa.yaml").write_text("defense:\n  name: lisa\n  rho: 1.0\n")  # the paper's rho
+    (tmp_path / "resta.yaml").write_text("defense:\n  name: resta\n  gamma: 0.25\n")
+    (tmp_path / "safelora.yaml").write_text(  # a list grid: every key of the paper point must match
+        "defense:\n  name: safelora\n  proj_fraction: 0.15625\n  select: threshold\n  threshold: 0.5\n")
+    assert tuned_is_paper("lisa")
+    assert not tuned_is_paper("resta")
+    assert not tuned_is_paper("safelora")
