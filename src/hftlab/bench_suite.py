@@ -169,7 +169,8 @@ def run_bench(out: Path, seeds: Sequence[int], jobs: int, runs_dir: str, extra: 
           f"{list(seeds)}; wall time {time.time() - start:.0f} s\n",
           "\n## Verdicts: paired differences to SFT at the same seed\n",
           "A method lowers HS when the 95 % t interval of its mean ΔHS lies below 0 and that of its ΔFA above "
-          f"-{FA_MARGIN:g}. Tuned rows use configs/organism/tuned/<name>.yaml (chosen on validation seeds and "
+          f"-{FA_MARGIN:g} (\"costs FA\": ΔFA's interval lies below -{FA_MARGIN:g}; \"FA uncertain\": it straddles "
+          f"-{FA_MARGIN:g}). Tuned rows use configs/organism/tuned/<name>.yaml (chosen on validation seeds and "
           "prompts, never these).\n\n", render(vheader, vbody)]
     if same:
         md.append(f"\nThe tune kept the paper's setting for {', '.join(same)}: their tuned row is their paper row.\n")

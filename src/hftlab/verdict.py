@@ -69,11 +69,15 @@ def paired(method: Mapping[Hashable, float], sft: Mapping[Hashable, float]) -> l
 
 
 def verdict(dhs: Interval, dfa: Interval, fa_margin: float = FA_MARGIN) -> str:
-    """The statistical claim the intervals support."""
+    """The statistical claim the intervals support. HS is lowered when ΔHS's interval lies below 0; the
+    claim holds ("lowers HS") when ΔFA's interval also lies above ``-fa_margin``; "costs FA" when it lies
+    wholly below, "FA uncertain" when it straddles ``-fa_margin`` (too wide to say)."""
     if dhs.n < 2:
         return "too few seeds"
     if dhs.hi < 0:
-        return "lowers HS" if dfa.lo > -fa_margin else "lowers HS, costs FA"
+        if dfa.lo > -fa_margin:
+            return "lowers HS"
+        return "lowers HS, costs FA" if dfa.hi < -fa_margin else "lowers HS, FA uncertain"
     if dhs.lo > 0:
         return "raises HS"
     return "no effect shown"

@@ -30,9 +30,10 @@ def test_t_quantiles():
 
 def test_verdict_needs_both_intervals():
     below, around, above = Interval(-10, -15, -5, 5), Interval(-2, -8, 4, 5), Interval(6, 2, 10, 5)
-    fa_ok, fa_lost = Interval(0, -2, 2, 5), Interval(-6, -9, -3, 5)
+    fa_ok, fa_lost, fa_wide = Interval(0, -2, 2, 5), Interval(-12, -15, -9, 5), Interval(-6, -9, -3, 5)
     assert verdict(below, fa_ok) == "lowers HS"
     assert verdict(below, fa_lost) == "lowers HS, costs FA"
+    assert verdict(below, fa_wide) == "lowers HS, FA uncertain"  # straddles -5: neither kept nor lost
     assert verdict(around, fa_ok) == "no effect shown"
     assert verdict(above, fa_ok) == "raises HS"
     assert verdict(Interval(-10, -10, -10, 1), fa_ok) == "too few seeds"
