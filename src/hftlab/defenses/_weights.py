@@ -138,3 +138,15 @@ def finetuned_lora(model: nn.Module, ctx: Any) -> nn.Module | None:
         log.info("the adapter in %s does not reproduce the fine-tuned model: not used", folder)
         return None
     return peft
+
+
+def refusal_batches(model: nn.Module, ctx: Any, n: int, batch_size: int, method: str) -> list[dict[str, torch.Tensor]]:
+    """The first ``n`` refusal examples of the alignment set (a repair's safety data), collated in batches
+    of ``batch_size`` on the model's device."""
+    data = [ex for ex in ctx.data.get("alignment", []) if ex.kind == "refusal"][:n]
+    if not data:
+        raise KeyError(f"{method} needs refusal examples in ctx.data['alignment'] (its safety data)")
+    feats = ctx.formatter.encode_all(data)
+    dev = next(model.parameters()).device
+    return [{k: v.to(dev) for k, v in ctx.formatter.collate(feats[i: i + batch_size]).items()}
+            for i in range(0, len(feats), batch_size)]

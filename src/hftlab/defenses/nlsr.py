@@ -49,7 +49,7 @@ import torch
 from torch import nn
 
 from ..bounds import bounds
-from ._weights import Target, plain, targets, updates
+from ._weights import Target, plain, refusal_batches, targets, updates
 from .base import Context, Defense
 
 log = logging.getLogger(__name__)
@@ -142,14 +142,7 @@ class NLSR(Defense):
     Config = Config
 
     def _batches(self, model: nn.Module, ctx: Context) -> list[dict[str, torch.Tensor]]:
-        data = [ex for ex in ctx.data.get("alignment", []) if ex.kind == "refusal"][: self.cfg.calib_n]
-        if not data:
-            raise KeyError("nlsr needs refusal examples in ctx.data['alignment'] (its safety data)")
-        feats = ctx.formatter.encode_all(data)
-        dev = next(model.parameters()).device
-        bs = self.cfg.batch_size
-        return [{k: v.to(dev) for k, v in ctx.formatter.collate(feats[i: i + bs]).items()}
-                for i in range(0, len(feats), bs)]
+        return refusal_batches(model, ctx, self.cfg.calib_n, self.cfg.batch_size, self.name)
 
     def repair(self, model: nn.Module, ctx: Context) -> nn.Module:
         model = plain(model)
