@@ -150,3 +150,28 @@ def refusal_batches(model: nn.Module, ctx: Any, n: int, batch_size: int, method:
     dev = next(model.parameters()).device
     return [{k: v.to(dev) for k, v in ctx.formatter.collate(feats[i: i + batch_size]).items()}
             for i in range(0, len(feats), batch_size)]
+
+
+def gram_sums(model: nn.Module, modules: dict[str, nn.Module], batches: list[dict[str, torch.Tensor]],
+              dtype: torch.dtype, answers_only: bool) -> dict[str, torch.Tensor]:
+    """Σ xᵀ·x of each module's input over the batches' tokens: the answer tokens (labels ≠ −100) when
+    ``answers_only``, else every non-padding token. Inputs are read by forward hooks, without grad."""
+    sums: dict[str, torch.Tensor] = {}
+    current: dict[str, torch.Tensor] = {}
+
+    def hook(name: str):
+        def fn(_mod: nn.Module, inp: tuple, _out: object) -> None:
+            x = inp[0].detach().to(dtype)[current["mask"]]
+            sums[name] = sums.get(name, 0) + x.T @ x
+        return fn
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in modules.items()]
+    try:
+        with torch.no_grad():
+            for b in batches:
+                current["mask"] = b["labels"] != -100 if answers_only else b["attention_mask"].bool()
+                model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+    finally:
+        for h in handles:
+            h.remove()
+    return sums

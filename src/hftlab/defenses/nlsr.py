@@ -49,7 +49,7 @@ import torch
 from torch import nn
 
 from ..bounds import bounds
-from ._weights import Target, plain, refusal_batches, targets, updates
+from ._weights import Target, gram_sums, plain, refusal_batches, targets, updates
 from .base import Context, Defense
 
 log = logging.getLogger(__name__)
@@ -79,25 +79,7 @@ def expo(aligned: nn.Module, base: nn.Module, alpha: float) -> nn.Module:
 def answer_grams(model: nn.Module, modules: dict[str, nn.Module], batches: list[dict[str, torch.Tensor]],
                  dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Xᵀ·X of each module's input over the answer tokens (labels ≠ −100) of the batches."""
-    sums: dict[str, torch.Tensor] = {}
-    current: dict[str, torch.Tensor] = {}
-
-    def hook(name: str):
-        def fn(_mod: nn.Module, inp: tuple, _out: object) -> None:
-            x = inp[0].detach().to(dtype)[current["mask"]]
-            sums[name] = sums.get(name, 0) + x.T @ x
-        return fn
-
-    handles = [m.register_forward_hook(hook(n)) for n, m in modules.items()]
-    try:
-        with torch.no_grad():
-            for b in batches:
-                current["mask"] = b["labels"] != -100
-                model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
-    finally:
-        for h in handles:
-            h.remove()
-    return sums
+    return gram_sums(model, modules, batches, dtype, answers_only=True)
 
 
 def safety_mask(delta_ref: torch.Tensor, gram: torch.Tensor, sparsity: float) -> torch.Tensor:

@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from ..bounds import bounds
-from ._weights import Target, plain, refusal_batches, targets, updates
+from ._weights import Target, gram_sums, plain, refusal_batches, targets, updates
 from .base import Context, Defense
 
 log = logging.getLogger(__name__)
@@ -65,26 +65,8 @@ class Config:
 def input_grams(model: nn.Module, modules: dict[str, nn.Module], batches: list[dict[str, torch.Tensor]],
                 dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """H = (2/N)·Σ x·xᵀ of each module's input over the non-padding tokens, N = sequences."""
-    sums: dict[str, torch.Tensor] = {}
-    current: dict[str, torch.Tensor] = {}
-
-    def hook(name: str):
-        def fn(_mod: nn.Module, inp: tuple, _out: object) -> None:
-            x = inp[0].detach().to(dtype)[current["mask"]]
-            sums[name] = sums.get(name, 0) + x.T @ x
-        return fn
-
-    handles = [m.register_forward_hook(hook(n)) for n, m in modules.items()]
-    n_seq = 0
-    try:
-        with torch.no_grad():
-            for b in batches:
-                current["mask"] = b["attention_mask"].bool()
-                model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
-                n_seq += b["input_ids"].shape[0]
-    finally:
-        for h in handles:
-            h.remove()
+    n_seq = sum(b["input_ids"].shape[0] for b in batches)
+    sums = gram_sums(model, modules, batches, dtype, answers_only=False)
     return {n: 2.0 * s / max(n_seq, 1) for n, s in sums.items()}
 
 
