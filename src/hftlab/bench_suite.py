@@ -135,8 +135,9 @@ def run_bench(out: Path, seeds: Sequence[int], jobs: int, runs_dir: str, extra: 
     if "sft" not in defenses:
         defenses.insert(0, "sft")
     p1 = ["sft", *[d for d in P1 if d in defenses]]
-    same = [d for d in defenses if has_tuned(d) and tuned_is_paper(d)]
-    tuned = [d for d in defenses if has_tuned(d) and d not in same]
+    with_preset = [d for d in defenses if has_tuned(d)]
+    same = [d for d in with_preset if tuned_is_paper(d)]
+    tuned = [d for d in with_preset if d not in same]
     seed_axis = f"seed={','.join(map(str, seeds))}"
     main_cells = plan([], [f"defense={','.join(defenses)}", seed_axis], fixed)
     tuned_cells = plan([], [f"defense={','.join(tuned)}", seed_axis], [*fixed, "defense.preset=tuned"]) if tuned else []

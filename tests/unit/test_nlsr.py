@@ -13,9 +13,7 @@ from torch import nn
 
 from hftlab.defenses.nlsr import NLSR, restore_probabilities
 
-
 QKV = ("q_proj", "k_proj", "v_proj")
-
 
 
 def expo_model(aligned: nn.Module, base: nn.Module, alpha: float) -> nn.Module:

@@ -12,7 +12,6 @@ from torch import nn
 from hftlab.defenses.safedelta import SafeDelta
 
 
-
 def safety_inputs(model: nn.Module, ctx, modules: dict[str, nn.Module], n: int) -> dict[str, torch.Tensor]:
     """Each module's inputs (tokens × features) over every token of the first n refusals, one at a time."""
     xs: dict[str, list[torch.Tensor]] = {k: [] for k in modules}
