@@ -50,6 +50,8 @@ CASES = [  # (id, argv, words the one error line must contain)
     ("weight-decay-inf", ["run", "align.weight_decay=.inf"], ["align.weight_decay", "finite"]),
     ("defense-param-nan", ["run", "defense=vaccine", "defense.rho=nan"], ["defense.rho", "finite"]),
     ("finetune-0-epochs", ["run", "finetune.epochs=0"], ["finetune.epochs", "trains nothing"]),
+    ("salora-without-lora", ["run", "defense=salora", "finetune.lora=false"],
+     ["finetune.lora", "salora", "needs finetune.lora=true", "command line"]),
     ("negative-epochs", ["run", "align.epochs=-1"], ["align.epochs", "out of range"]),
     ("negative-n", ["run", "attack.n=-5"], ["attack.n", "out of range"]),
     ("zero-n", ["run", "attack.n=0"], ["attack.n", "out of range"]),

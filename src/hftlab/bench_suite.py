@@ -25,6 +25,7 @@ from typing import Any, Sequence
 from . import registry
 from .artifacts import atomic_write_text
 from .config import load_config
+from .errors import ConfigError
 from .bench_tables import paired_table, per_seed_table, worst_case_table
 from .report import fmt_num, render, value
 from .sweep import plan, run_cells
@@ -119,6 +120,16 @@ def _worst_overrides(extra: Sequence[str]) -> list[tuple[str, list[str]]]:
     return out
 
 
+def defined_under(defense: str, overrides: Sequence[str]) -> bool:
+    """Whether ``defense`` can run with ``overrides`` (its config builds: e.g. SaLoRA requires LoRA, so the
+    worst case's full fine-tuning is not a setting it is defined for)."""
+    try:
+        load_config(overrides=[f"defense={defense}", *overrides])
+    except ConfigError:
+        return False
+    return True
+
+
 def run_bench(out: Path, seeds: Sequence[int], jobs: int, runs_dir: str, extra: Sequence[str] = (),
               sweeps: bool = True, defenses: Sequence[str] | None = None, executor: Any = None,
               worst_seeds: int = 2) -> Path:
@@ -144,15 +155,19 @@ def run_bench(out: Path, seeds: Sequence[int], jobs: int, runs_dir: str, extra: 
     curve_cells: list = []
     worst_cells: dict[str, list] = {}
     benign_cells: dict[str, list] = {}
+    cannot: dict[str, list[str]] = {}  # setting -> the methods not defined under it
     if sweeps:
         curve_cells = plan([], [f"defense={','.join(p1)}", f"attack.ratio={','.join(map(str, RATIOS))}",
                                 f"seed={seeds[0]}"], fixed)
         wseeds = f"seed={','.join(map(str, seeds[:worst_seeds]))}"
         plain = [d for d in defenses if d not in tuned]
         for name, over in _worst_overrides(extra):
-            worst_cells[name] = (plan([], [f"defense={','.join(plain)}", wseeds], [*fixed, *over])
-                                 + (plan([], [f"defense={','.join(tuned)}", wseeds], [*fixed, *over, "defense.preset=tuned"])
-                                    if tuned else []))
+            ok = [d for d in defenses if defined_under(d, [*extra, *over])]
+            cannot[name] = [d for d in defenses if d not in ok]
+            p_ok, t_ok = [d for d in plain if d in ok], [d for d in tuned if d in ok]
+            worst_cells[name] = ((plan([], [f"defense={','.join(p_ok)}", wseeds], [*fixed, *over]) if p_ok else [])
+                                 + (plan([], [f"defense={','.join(t_ok)}", wseeds], [*fixed, *over, "defense.preset=tuned"])
+                                    if t_ok else []))
             benign_cells[name] = plan([], ["defense=sft", wseeds], [*fixed, *over, "attack.ratio=0"])
     parts = [main_cells, tuned_cells, curve_cells, *worst_cells.values(), *benign_cells.values()]
     # One scheduler for every part (no barrier between them); shared cells run once.
@@ -186,13 +201,16 @@ def run_bench(out: Path, seeds: Sequence[int], jobs: int, runs_dir: str, extra: 
         md += [f"\n## HS (%) vs harmful ratio p (seed {seeds[0]})\n", render(["method", *map(str, RATIOS)], rows)]
     if worst:
         methods = [(d, "tuned" if d in tuned else "paper") for d in defenses]
-        wheader, wbody = worst_case_table(worst, benign, methods)
+        wheader, wbody = worst_case_table(worst, benign, methods, cannot)
         md += [f"\n## Worst-case attacker (seeds {list(seeds[:worst_seeds])}; tuned preset where one exists)\n",
                "HS / FA (%) per attacker setting; a setting counts for a method only when its FA is within "
                f"{FA_MARGIN:g} points of SFT's at p = 0 under the same setting (a collapsed fine-tune is not a "
                "defense). SFT's FA at p = 0: " + ", ".join(
                    f"{k} {statistics.fmean(r['finetune_accuracy'] for r in v):.1f}" for k, v in benign.items()) + "\n\n",
                render(wheader, wbody)]
+        if any(cannot.values()):
+            md.append("\nn/a: a setting the method is not defined for (" + "; ".join(
+                f"{k}: {', '.join(v)}" for k, v in cannot.items() if v) + ").\n")
         atomic_write_text(out / "worst_case.csv", render(wheader, wbody, "csv"))
     sheader, sbody = per_seed_table([*main, *tuned_res])
     md += ["\n## Per seed\n", render(sheader, sbody)]

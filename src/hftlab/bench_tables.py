@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 import statistics
-from typing import Any, Sequence
+from typing import Any, Collection, Mapping, Sequence
 
 from . import registry
 from .report import value
@@ -69,10 +69,12 @@ def per_seed_table(results: Sequence[dict[str, Any]]) -> tuple[list[str], list[l
 
 
 def worst_case_table(by_setting: dict[str, Sequence[dict[str, Any]]], benign: dict[str, Sequence[dict[str, Any]]],
-                     methods: Sequence[tuple[str, str]]) -> tuple[list[str], list[list[str]]]:
+                     methods: Sequence[tuple[str, str]], cannot: Mapping[str, Collection[str]] | None = None
+                     ) -> tuple[list[str], list[list[str]]]:
     """``by_setting[setting]``: the methods' runs under that attacker setting; ``benign[setting]``: SFT at
-    p = 0 under it. HS and FA are means over the seeds run; a setting counts for a method when its FA is
-    within 5 points of SFT's benign FA under the same setting."""
+    p = 0 under it; ``cannot[setting]``: the methods not defined under it ("n/a"). HS and FA are means over
+    the seeds run; a setting counts for a method when its FA is within 5 points of SFT's benign FA under
+    the same setting."""
     ref = {s: statistics.fmean(r["finetune_accuracy"] for r in rs) for s, rs in benign.items() if rs}
     body = []
     for name, preset in methods:
@@ -84,7 +86,8 @@ def worst_case_table(by_setting: dict[str, Sequence[dict[str, Any]]], benign: di
                           statistics.fmean(r["finetune_accuracy"] for r in mine))
         worst = worst_case(res, ref)
         dropped = [s for s, (_, fa) in res.items() if s in ref and fa < ref[s] - FA_MARGIN]
-        cells = [f"{res[s][0]:.1f} / {res[s][1]:.1f}" if s in res else "–" for s in by_setting]
+        cells = [f"{res[s][0]:.1f} / {res[s][1]:.1f}" if s in res else "n/a" if name in (cannot or {}).get(s, ())
+                 else "–" for s in by_setting]
         body.append([name, preset, *cells, f"{worst[1]:.1f} ({worst[0]})" if worst else "–",
                      ", ".join(dropped) or "none"])
     header = ["method", "preset", *(f"{s}: HS / FA" for s in by_setting), "worst-case HS (setting)",

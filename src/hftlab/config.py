@@ -14,7 +14,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -449,6 +449,22 @@ def _check_plugins(cfg: Config, flat: dict[str, tuple[Any, str]]) -> None:
         cfg.defense.params = {**preset_params(cfg.defense.name, origin_of("defense.preset")), **cfg.defense.params}
     cfg.defense.params = plugin_params(cfg.defense.name, cfg.defense.params)
     cfg.attack.params = plugin_params(cfg.attack.name, cfg.attack.params, kind="attack")
+    _check_requires(cfg, origin_of)
+
+
+def _check_requires(cfg: Config, origin_of: Callable[[str], str]) -> None:
+    """A defense may declare run settings it is defined for (``requires = {"finetune.lora": True}`` on its
+    class, e.g. SaLoRA, which acts on the adapter); a config that contradicts one fails here, naming the key."""
+    from . import registry
+
+    for key, want in (getattr(registry.get("defense", cfg.defense.name), "requires", None) or {}).items():
+        have = cfg
+        for part in key.split("."):
+            have = getattr(have, part)
+        if have != want:
+            shown = str(want).lower() if isinstance(want, bool) else want
+            raise ConfigError(f"{key}: defense '{cfg.defense.name}' needs {key}={shown}, got "
+                              f"{str(have).lower() if isinstance(have, bool) else have} ({origin_of(key)})")
 
 
 def tuned_preset_path(defense: str) -> Path:

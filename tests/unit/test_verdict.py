@@ -62,3 +62,24 @@ def test_worst_case_drops_a_collapsed_finetune():
     assert worst_case(results, sft_p0) == ("epochs x3", 75.0)
     assert worst_case({"lr x3": (0.0, 20.0)}, {"lr x3": 99.0}) is None
     assert worst_case({"a": (50.0, 95.0)}, {}) is None  # no SFT p = 0 reference: does not count
+
+
+def test_worst_case_table_marks_a_setting_a_method_is_not_defined_for():
+    from hftlab.bench_tables import worst_case_table
+
+    def run(name: str, hs: float, fa: float) -> dict:
+        return {"config": {"defense": {"name": name}}, "harmful_score": hs, "finetune_accuracy": fa}
+
+    by_setting = {"default": [run("sft", 70, 100), run("salora", 65, 100)], "full FT": [run("sft", 80, 100)]}
+    benign = {"default": [run("sft", 0, 100)], "full FT": [run("sft", 0, 100)]}
+    _, body = worst_case_table(by_setting, benign, [("sft", "paper"), ("salora", "paper")], {"full FT": ["salora"]})
+    assert body[0][2:5] == ["70.0 / 100.0", "80.0 / 100.0", "80.0 (full FT)"]
+    assert body[1][2:5] == ["65.0 / 100.0", "n/a", "65.0 (default)"]
+
+
+def test_bench_skips_the_settings_a_method_is_not_defined_for():
+    from hftlab.bench_suite import defined_under
+
+    assert not defined_under("salora", ["finetune.lora=false"])  # SaLoRA acts on the LoRA adapter
+    assert defined_under("salora", ["finetune.lr=0.004"])
+    assert defined_under("lisa", ["finetune.lora=false"])

@@ -143,6 +143,8 @@ class SaLoRA(Defense):
 
     name = "salora"
     needs = ("alignment",)
+    # run settings it is defined for (checked when a config is built: `hftlab validate` names the key)
+    requires = {"finetune.lora": True}
     Config = Config
 
     def setup(self, model: nn.Module, ctx: Context) -> None:
