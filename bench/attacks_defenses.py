@@ -1,4 +1,4 @@
-"""Attacks × defenses on the organism: every registered attack against SFT and the priority defenses,
+"""Attacks × defenses on the organism: every registered attack against SFT and the core (P1) defenses,
 with and without the provider's guardrail, paired with SFT under the same attack at the same seed.
 
 Run: ``python -m bench.attacks_defenses --jobs 1 --seeds 0,1,2 --out reports/attacks [--runs runs]
@@ -31,6 +31,7 @@ from typing import Any, Sequence
 
 from hftlab import registry
 from hftlab.artifacts import atomic_write_text
+from hftlab.bench_suite import P1
 from hftlab.errors import UserError
 from hftlab.report import render
 from hftlab.sweep import Cell, plan, run_cells
@@ -39,8 +40,8 @@ from hftlab.verdict import Interval, mean_interval, paired, verdict
 log = logging.getLogger(__name__)
 
 ATTACKS = ("harmful-mix", "identity-shift", "backdoor-trigger", "cipher", "benign-select", "virus")
-# SFT and the priority defenses of the survey's benchmark, alignment stage first.
-DEFENSES = ("sft", "vaccine", "booster", "repnoise", "lisa", "safeinstr", "ldifs")
+# SFT and the core defenses of the survey's benchmark (the bench's P1), in stage order.
+DEFENSES = ("sft", *P1)
 VIEWS = {"identity-shift": "aoa", "backdoor-trigger": "trigger", "cipher": "cipher"}
 GUARD = "organism-guard"
 
