@@ -457,14 +457,16 @@ def _check_requires(cfg: Config, origin_of: Callable[[str], str]) -> None:
     class, e.g. SaLoRA, which acts on the adapter); a config that contradicts one fails here, naming the key."""
     from . import registry
 
+    def shown(v: Any) -> str:  # as written on the command line: true/false
+        return str(v).lower() if isinstance(v, bool) else str(v)
+
     for key, want in (getattr(registry.get("defense", cfg.defense.name), "requires", None) or {}).items():
         have = cfg
         for part in key.split("."):
             have = getattr(have, part)
         if have != want:
-            shown = str(want).lower() if isinstance(want, bool) else want
-            raise ConfigError(f"{key}: defense '{cfg.defense.name}' needs {key}={shown}, got "
-                              f"{str(have).lower() if isinstance(have, bool) else have} ({origin_of(key)})")
+            raise ConfigError(f"{key}: defense '{cfg.defense.name}' needs {key}={shown(want)}, got {shown(have)} "
+                              f"({origin_of(key)})")
 
 
 def tuned_preset_path(defense: str) -> Path:

@@ -76,12 +76,6 @@ def expo(aligned: nn.Module, base: nn.Module, alpha: float) -> nn.Module:
     return ref
 
 
-def answer_grams(model: nn.Module, modules: dict[str, nn.Module], batches: list[dict[str, torch.Tensor]],
-                 dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Xᵀ·X of each module's input over the answer tokens (labels ≠ −100) of the batches."""
-    return gram_sums(model, modules, batches, dtype, answers_only=True)
-
-
 def safety_mask(delta_ref: torch.Tensor, gram: torch.Tensor, sparsity: float) -> torch.Tensor:
     """M: |V·Vᵀ·ΔW_ref| above its ``sparsity`` quantile, V the top int(min(out, in)·sparsity) right
     singular vectors of X·ΔW_refᵀ (eigenvectors of ΔW_ref·XᵀX·ΔW_refᵀ)."""
@@ -133,7 +127,9 @@ class NLSR(Defense):
         ref = expo(aligned, ctx.reference("base"), self.cfg.alpha)
         ref_t = targets(ref)
         changed = [t for t, _, _ in updates(model, aligned)]
-        grams = answer_grams(ref, {t.name: ref_t[t.name].module for t in changed}, self._batches(ref, ctx), dtype)
+        # Xᵀ·X of each module's input over the answer tokens of the safety data
+        grams = gram_sums(ref, {t.name: ref_t[t.name].module for t in changed}, self._batches(ref, ctx), dtype,
+                          answers_only=True)
         al_t = targets(aligned)
         layers: dict[str, tuple[Target, torch.Tensor, float]] = {}
         with torch.no_grad():
